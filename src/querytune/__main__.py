@@ -1,0 +1,5 @@
+import sys
+
+from querytune.cli import main
+
+sys.exit(main())

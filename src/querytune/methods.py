@@ -1,0 +1,225 @@
+"""Methods: turn a pretrained model into a trainable one. Every method except `full` and `freeze` goes through PEFT.
+
+A method is a function `(model, MethodArguments, MethodContext) -> model` in `METHOD_BUILDERS`; adding a method
+is one function and one registry entry. Defaults for unset (None) fields live here, next to the code that uses
+them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import peft
+from torch import nn
+from transformers import PreTrainedModel, TrainerCallback
+
+from querytune.config import MethodArguments
+
+logger = logging.getLogger(__name__)
+
+# Methods whose weights can be folded into the base model for serving.
+MERGEABLE = {"lora", "adalora", "ia3"}
+PEFT_METHODS = {"lora", "adalora", "ia3", "prefix", "prompt", "adapter"}
+
+
+@dataclass
+class MethodContext:
+    """What a method builder needs to know beyond its own options."""
+
+    task_type: peft.TaskType
+    new_modules: list[str] = field(default_factory=list)  # initialised from scratch: always trained and saved
+    num_training_steps: int | None = None  # AdaLoRA's budget schedule needs it
+    tokenizer_name_or_path: str | None = None  # prompt tuning initialised from text needs it
+
+
+# Target modules for architectures missing from PEFT's own default maps (MPNet names its projections q/k/v/o).
+EXTRA_LORA_TARGETS = {"mpnet": ["q", "k", "v", "o"]}
+EXTRA_IA3_TARGETS = {"mpnet": (["k", "v", "output.dense"], ["output.dense"])}
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def _modules_to_save(args: MethodArguments, ctx: MethodContext) -> list[str] | None:
+    modules = sorted(set(ctx.new_modules) | set(args.modules_to_save or []))
+    return modules or None
+
+
+def _full(model: PreTrainedModel, args: MethodArguments, ctx: MethodContext) -> nn.Module:
+    return model
+
+
+def encoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks (the longest ModuleList named `layer`/`layers`/`h`)."""
+    candidates = [
+        module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layer", "layers", "h")
+    ]
+    if not candidates:
+        raise ValueError(f"method 'freeze': cannot find the layer stack of {type(model).__name__}")
+    return max(candidates, key=len)
+
+
+def _freeze(model: PreTrainedModel, args: MethodArguments, ctx: MethodContext) -> nn.Module:
+    layers = encoder_layers(model)
+    n = _or(args.freeze_trainable_layers, 2)
+    if not 0 <= n <= len(layers):
+        raise ValueError(f"freeze_trainable_layers must be in [0, {len(layers)}], got {n}")
+    prefix = model.base_model_prefix + "."
+    for name, param in model.named_parameters():
+        # Everything outside the encoder body (the head) and the pooler feeding it stays trainable.
+        param.requires_grad = not name.startswith(prefix) or ".pooler." in name
+    for layer in list(layers)[len(layers) - n :]:
+        layer.requires_grad_(True)
+    for name in _modules_to_save(args, ctx) or []:
+        model.get_submodule(name).requires_grad_(True)
+    return model
+
+
+def _lora(model: PreTrainedModel, args: MethodArguments, ctx: MethodContext) -> nn.Module:
+    config = peft.LoraConfig(
+        task_type=ctx.task_type,
+        r=_or(args.lora_r, 8),
+        lora_alpha=_or(args.lora_alpha, 16),
+        lora_dropout=_or(args.lora_dropout, 0.1),
+        target_modules=args.lora_target_modules or EXTRA_LORA_TARGETS.get(model.config.model_type),
+        use_dora=_or(args.lora_use_dora, False),
+        use_rslora=_or(args.lora_use_rslora, False),
+        modules_to_save=_modules_to_save(args, ctx),
+    )
+    return peft.get_peft_model(model, config)
+
+
+def _steps(value: float, total: int) -> int:
+    """AdaLoRA schedule points: a value < 1 is a fraction of the total steps."""
+    return int(value * total) if value < 1 else int(value)
+
+
+def _adalora(model: PreTrainedModel, args: MethodArguments, ctx: MethodContext) -> nn.Module:
+    total = ctx.num_training_steps
+    if not total:
+        raise ValueError("method 'adalora' needs the number of training steps for its budget schedule")
+    tinit, tfinal = _steps(_or(args.adalora_tinit, 0.1), total), _steps(_or(args.adalora_tfinal, 0.2), total)
+    if tinit + tfinal >= total:
+        raise ValueError(
+            f"adalora_tinit ({tinit}) + adalora_tfinal ({tfinal}) must be below the {total} training steps: "
+            "the budget is pruned in between"
+        )
+    config = peft.AdaLoraConfig(
+        task_type=ctx.task_type,
+        init_r=_or(args.adalora_init_r, 12),
+        target_r=_or(args.adalora_target_r, 4),
+        tinit=tinit,
+        tfinal=tfinal,
+        deltaT=_or(args.adalora_delta_t, max(1, (total - tinit - tfinal) // 20)),
+        total_step=total,
+        orth_reg_weight=_or(args.adalora_orth_reg_weight, 0.5),
+        lora_alpha=_or(args.lora_alpha, 16),
+        lora_dropout=_or(args.lora_dropout, 0.1),
+        target_modules=args.lora_target_modules or EXTRA_LORA_TARGETS.get(model.config.model_type),
+        modules_to_save=_modules_to_save(args, ctx),
+    )
+    return peft.get_peft_model(model, config)
+
+
+def _ia3(model: PreTrainedModel, args: MethodArguments, ctx: MethodContext) -> nn.Module:
+    targets, feedforward = args.ia3_target_modules, args.ia3_feedforward_modules
+    if targets is None and model.config.model_type in EXTRA_IA3_TARGETS:
+        targets, feedforward = EXTRA_IA3_TARGETS[model.config.model_type]
+    config = peft.IA3Config(
+        task_type=ctx.task_type,
+        target_modules=targets,
+        feedforward_modules=feedforward,
+        modules_to_save=_modules_to_save(args, ctx),
+    )
+    return peft.get_peft_model(model, config)
+
+
+def _prefix(model: PreTrainedModel, args: MethodArguments, ctx: MethodContext) -> nn.Module:
+    config = peft.PrefixTuningConfig(
+        task_type=ctx.task_type,
+        num_virtual_tokens=_or(args.prefix_num_virtual_tokens, 20),
+        prefix_projection=_or(args.prefix_projection, False),
+        encoder_hidden_size=_or(args.prefix_encoder_hidden_size, model.config.hidden_size),
+        modules_to_save=_modules_to_save(args, ctx),
+    )
+    return peft.get_peft_model(model, config)
+
+
+def _prompt(model: PreTrainedModel, args: MethodArguments, ctx: MethodContext) -> nn.Module:
+    from_text = _or(args.prompt_init, "random") == "text"
+    config = peft.PromptTuningConfig(
+        task_type=ctx.task_type,
+        num_virtual_tokens=_or(args.prompt_num_virtual_tokens, 20),
+        prompt_tuning_init=peft.PromptTuningInit.TEXT if from_text else peft.PromptTuningInit.RANDOM,
+        prompt_tuning_init_text=args.prompt_init_text if from_text else None,
+        tokenizer_name_or_path=ctx.tokenizer_name_or_path if from_text else None,
+        modules_to_save=_modules_to_save(args, ctx),
+    )
+    return peft.get_peft_model(model, config)
+
+
+def _adapter(model: PreTrainedModel, args: MethodArguments, ctx: MethodContext) -> nn.Module:
+    from querytune.peft_adapter import BottleneckConfig
+
+    config = BottleneckConfig(
+        task_type=ctx.task_type,
+        variant=_or(args.adapter_variant, "houlsby"),
+        reduction_factor=_or(args.adapter_reduction_factor, 16),
+        bottleneck_size=args.adapter_bottleneck_size,
+        non_linearity=_or(args.adapter_non_linearity, "relu"),
+        target_modules=args.adapter_target_modules,
+        modules_to_save=_modules_to_save(args, ctx),
+    )
+    return peft.get_peft_model(model, config)
+
+
+METHOD_BUILDERS: dict[str, Callable[[PreTrainedModel, MethodArguments, MethodContext], nn.Module]] = {
+    "full": _full,
+    "freeze": _freeze,
+    "lora": _lora,
+    "adalora": _adalora,
+    "ia3": _ia3,
+    "prefix": _prefix,
+    "prompt": _prompt,
+    "adapter": _adapter,
+}
+
+
+def apply_method(model: PreTrainedModel, args: MethodArguments, ctx: MethodContext) -> nn.Module:
+    """Make `model` trainable with `args.method`; errors from PEFT are re-raised naming the method and model."""
+    try:
+        return METHOD_BUILDERS[args.method](model, args, ctx)
+    except (ValueError, KeyError, TypeError, NotImplementedError) as err:
+        raise ValueError(
+            f"method {args.method!r} cannot be applied to {type(model).__name__} ({model.config.model_type}): {err}"
+        ) from err
+
+
+class AdaLoraBudgetCallback(TrainerCallback):
+    """Trainer never calls AdaLoRA's `update_and_allocate`; without this the rank budget is never reallocated."""
+
+    def __init__(self, model: peft.PeftModel) -> None:
+        self.model = model
+        self.budget_history: list[tuple[int, int]] = []
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # Gradients are still present here (zero_grad comes after the scheduler step), as AdaLoRA requires.
+        self.model.base_model.update_and_allocate(state.global_step)
+        if state.global_step % max(1, self.model.peft_config["default"].deltaT) == 0:
+            self.budget_history.append((state.global_step, current_adalora_rank(self.model)))
+
+
+def current_adalora_rank(model: peft.PeftModel) -> int:
+    """Total rank left in the AdaLoRA matrices: the singular values that the budget schedule has not masked."""
+    from peft.tuners.adalora import SVDLinear
+
+    return sum(int((m.lora_E["default"] != 0).sum()) for m in model.modules() if isinstance(m, SVDLinear))
+
+
+def method_callbacks(model: nn.Module, args: MethodArguments) -> list[TrainerCallback]:
+    return [AdaLoraBudgetCallback(model)] if args.method == "adalora" else []

@@ -1,0 +1,152 @@
+"""Sequence classification of queries: intent detection (with out-of-scope) and any text classification."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import peft
+from datasets import DatasetDict
+from sklearn.metrics import classification_report, confusion_matrix
+from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, EvalPrediction
+
+from querytune.config import ExperimentConfig
+from querytune.data import load_classification_splits
+from querytune.metrics import load_metric
+
+logger = logging.getLogger(__name__)
+
+
+class ClassificationTask:
+    """Data, preprocessing, model class, collator and metrics for single-label classification."""
+
+    model_class = AutoModelForSequenceClassification
+    peft_task_type = peft.TaskType.SEQ_CLS
+    # The metric that decides the best checkpoint when the experiment does not say.
+    default_metric = "accuracy"
+
+    def __init__(self, config: ExperimentConfig) -> None:
+        self.config = config
+        self.labels: list[str] = []
+
+    # --- data
+    def load_data(self) -> DatasetDict:
+        splits, self.labels = load_classification_splits(self.config.data, self.config.training.seed)
+        return splits
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {
+            "num_labels": len(self.labels),
+            "id2label": dict(enumerate(self.labels)),
+            "label2id": {label: i for i, label in enumerate(self.labels)},
+        }
+
+    def tokenize(self, splits: DatasetDict, tokenizer) -> DatasetDict:
+        """Truncate to max_seq_length and keep only model inputs; padding happens per batch in the collator."""
+        data, max_len = self.config.data, self.config.model.max_seq_length
+        padding = "max_length" if data.pad_to_max_length else False
+        if tokenizer.model_max_length and tokenizer.model_max_length < max_len:
+            max_len = tokenizer.model_max_length
+
+        def encode(batch: dict[str, list]) -> dict[str, list]:
+            pair = batch[data.text_pair_column] if data.text_pair_column else None
+            texts = [t if t is not None else "" for t in batch[data.text_column]]
+            out = tokenizer(texts, pair, truncation=True, max_length=max_len, padding=padding)
+            out["labels"] = batch["labels"]
+            return out
+
+        return DatasetDict(
+            {
+                name: ds.map(
+                    encode,
+                    batched=True,
+                    remove_columns=ds.column_names,
+                    num_proc=data.preprocessing_num_workers,
+                    desc=f"tokenising {name}",
+                )
+                for name, ds in splits.items()
+            }
+        )
+
+    def collator(self, tokenizer):
+        mixed = self.config.training.fp16 or self.config.training.bf16
+        return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if mixed else None)
+
+    # --- metrics
+    @property
+    def oos_id(self) -> int | None:
+        oos = self.config.data.oos_label
+        return self.labels.index(oos) if oos is not None else None
+
+    def compute_metrics(self, prediction: EvalPrediction) -> dict[str, float]:
+        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        preds = np.argmax(logits, axis=-1)
+        return load_metric("classification").compute(
+            predictions=preds, references=prediction.label_ids, oos_label_id=self.oos_id
+        )
+
+    def write_reports(self, logits: np.ndarray, label_ids: np.ndarray, out_dir: Path, split: str) -> None:
+        """Per-label precision/recall/F1 (JSON and text) and a confusion plot readable at 150 classes."""
+        preds = np.argmax(logits, axis=-1)
+        ids = list(range(len(self.labels)))
+        kwargs = {"labels": ids, "target_names": self.labels, "zero_division": 0, "digits": 4}
+        report = classification_report(label_ids, preds, output_dict=True, **kwargs)
+        (out_dir / f"{split}_report.json").write_text(json.dumps(report, indent=2))
+        (out_dir / f"{split}_report.txt").write_text(classification_report(label_ids, preds, **kwargs))
+        matrix = confusion_matrix(label_ids, preds, labels=ids)
+        pairs = most_confused_pairs(matrix, self.labels, k=25)
+        (out_dir / f"{split}_confused_pairs.json").write_text(json.dumps(pairs, indent=2))
+        plot_confusions(matrix, self.labels, pairs, out_dir / f"{split}_confusion.png", title=f"{split} split")
+
+
+def most_confused_pairs(matrix: np.ndarray, labels: list[str], k: int = 25) -> list[dict[str, Any]]:
+    """The k largest off-diagonal cells: which gold label is most often predicted as which other label."""
+    off = matrix.copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(off, axis=None)[::-1][:k]
+    pairs = []
+    for flat in order:
+        gold, pred = np.unravel_index(flat, off.shape)
+        if off[gold, pred] == 0:
+            break
+        support = int(matrix[gold].sum())
+        pairs.append({"gold": labels[gold], "predicted": labels[pred], "count": int(off[gold, pred]),
+                      "share_of_gold": round(float(off[gold, pred]) / max(support, 1), 4)})  # fmt: skip
+    return pairs
+
+
+def plot_confusions(matrix: np.ndarray, labels: list[str], pairs: list[dict], path: Path, title: str) -> None:
+    """A full heatmap up to 30 labels; beyond that, a heatmap of the labels in the most-confused pairs plus a bar
+    chart of those pairs, so the plot stays readable at CLINC150's 151 labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if len(labels) <= 30:
+        keep = list(range(len(labels)))
+    else:
+        names = list(dict.fromkeys([p["gold"] for p in pairs] + [p["predicted"] for p in pairs]))[:30]
+        keep = [labels.index(n) for n in names]
+    sub = matrix[np.ix_(keep, keep)]
+    fig, axes = plt.subplots(1, 2, figsize=(18, 8), gridspec_kw={"width_ratios": [1.2, 1]})
+    ax = axes[0]
+    ax.imshow(sub, cmap="Blues")
+    ax.set_xticks(range(len(keep)), [labels[i] for i in keep], rotation=90, fontsize=7)
+    ax.set_yticks(range(len(keep)), [labels[i] for i in keep], fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    scope = "all labels" if len(keep) == len(labels) else f"{len(keep)} most-confused of {len(labels)} labels"
+    ax.set_title(f"Confusion matrix ({scope}), {title}")
+    ax = axes[1]
+    top = pairs[:20][::-1]
+    ax.barh(range(len(top)), [p["count"] for p in top], color="tab:red")
+    ax.set_yticks(range(len(top)), [f"{p['gold']} → {p['predicted']}" for p in top], fontsize=7)
+    ax.set_xlabel("errors")
+    ax.set_title("Most confused pairs (gold → predicted)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

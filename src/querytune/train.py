@@ -1,0 +1,239 @@
+"""Train one querytune experiment with 🤗 Trainer: any task, any method.
+
+    querytune train experiments/intent/clinc150-lora.yaml --learning_rate 3e-4 --output_dir runs/x
+    python -m querytune.train experiments/quickstart.yaml
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml -m querytune.train experiments/...yaml
+
+Flags after the experiment file override its keys. The run directory gets the model or adapter with its head,
+the tokenizer, the label map, the resolved config, metrics, reports, plots, a model card and, last of all, the
+`querytune_run.json` marker that says the run finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+import transformers
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from querytune import __version__
+from querytune.config import ExperimentConfig, load_config
+from querytune.methods import PEFT_METHODS, MethodContext, apply_method, method_callbacks
+from querytune.models import count_parameters, load_pretrained, load_tokenizer, resolve_model_path
+from querytune.runs import (
+    CONFIG_FILE,
+    LABEL_MAP,
+    METRICS_FILE,
+    dir_size_mb,
+    mark_finished,
+    model_files,
+    prepare_output_dir,
+    write_json_atomic,
+    write_model_card,
+)
+from querytune.tasks import get_task
+
+logger = logging.getLogger("querytune")
+
+
+class ThroughputCallback(TrainerCallback):
+    """Training samples/s over optimizer steps only (evaluation and checkpointing excluded), and peak memory."""
+
+    def __init__(self) -> None:
+        self.step_time = 0.0
+        self.steps = 0
+        self._t0: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._t0 is not None:
+            self.step_time += time.perf_counter() - self._t0
+            self.steps += 1
+            self._t0 = None
+
+    def samples_per_second(self, args) -> float:
+        batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        return self.steps * batch / self.step_time if self.step_time else 0.0
+
+
+def peak_memory_mb() -> tuple[float, str]:
+    """Peak accelerator memory allocated by torch, or this process's peak resident memory on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"
+
+
+def setup_logging(config: ExperimentConfig) -> None:
+    level = config.training.get_process_log_level()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, stream=sys.stdout)
+    # querytune's own progress lines are worth seeing on the main process even when transformers is quiet.
+    logger.setLevel(min(level, logging.INFO) if config.training.should_log else level)
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+
+
+@dataclass
+class RunResult:
+    """What a finished training leaves in memory (tests and sweeps use the model and trainer directly)."""
+
+    metrics: dict[str, Any]
+    model: Any
+    tokenizer: Any
+    trainer: Trainer
+    output_dir: Path
+
+
+def run(config: ExperimentConfig) -> RunResult:
+    """Train, evaluate and save one experiment."""
+    args = config.training
+    setup_logging(config)
+    started = time.time()
+
+    # --- run directory and resume
+    resume = args.resume_from_checkpoint
+    if resume == "last":
+        resume = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+        if resume is None:
+            raise FileNotFoundError(f"--resume_from_checkpoint last: no checkpoint-* folder in {args.output_dir}")
+    if args.should_save:
+        prepare_output_dir(args.output_dir, resume=resume is not None, overwrite=args.overwrite_output_dir)
+    set_seed(args.seed)
+
+    # --- data
+    task = get_task(config.data.task)(config)
+    with args.main_process_first(desc="loading and tokenising data"):
+        splits = task.load_data()
+        tokenizer = load_tokenizer(
+            config.model.tokenizer_name or config.model.model_name_or_path,
+            config.model.model_revision,
+            config.model.trust_remote_code,
+        )
+        encoded = task.tokenize(splits, tokenizer)
+    logger.info("splits: %s; %d labels", {k: len(v) for k, v in encoded.items()}, len(task.labels))
+
+    # --- model and method
+    model, new_modules = load_pretrained(
+        task.model_class,
+        config.model.model_name_or_path,
+        config.model.model_revision,
+        config.model.trust_remote_code,
+        **task.model_kwargs(),
+    )
+    # These models return a per-process mean loss although their forward takes **kwargs; without this Trainer
+    # rescales the loss by world size and accumulation steps (see NOTES.md).
+    model.accepts_loss_kwargs = False
+    steps_per_epoch = math.ceil(
+        len(encoded["train"]) / (args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps)
+    )
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.num_train_epochs)
+    ctx = MethodContext(
+        task_type=task.peft_task_type,
+        new_modules=new_modules,
+        num_training_steps=total_steps,
+        tokenizer_name_or_path=resolve_model_path(config.model.tokenizer_name or config.model.model_name_or_path),
+    )
+    model = apply_method(model, config.method, ctx)
+    trainable, total = count_parameters(model)
+    logger.info("method %s: %s trainable of %s parameters (%.3f%%)", config.method.method, f"{trainable:,}",
+                f"{total:,}", 100 * trainable / total)  # fmt: skip
+    if args.gradient_checkpointing and config.method.method in ("prefix", "prompt"):
+        raise ValueError(f"gradient_checkpointing does not work with method {config.method.method!r} (see NOTES.md)")
+
+    # --- trainer
+    if args.metric_for_best_model is None and args.load_best_model_at_end:
+        args.metric_for_best_model = task.default_metric
+        args.greater_is_better = True
+    throughput = ThroughputCallback()
+    callbacks: list[TrainerCallback] = [throughput, *method_callbacks(model, config.method)]
+    if args.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=encoded["train"],
+        eval_dataset=encoded["validation"],
+        processing_class=tokenizer,
+        data_collator=task.collator(tokenizer),
+        compute_metrics=task.compute_metrics,
+        callbacks=callbacks,
+    )
+
+    # --- train
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    metrics: dict[str, Any] = {f"train_{k}" if not k.startswith("train") else k: v
+                               for k, v in train_result.metrics.items()}  # fmt: skip
+    metrics["train_step_samples_per_second"] = throughput.samples_per_second(args)
+    metrics["peak_memory_mb"], memory_kind = peak_memory_mb()
+
+    # --- evaluate
+    out = Path(args.output_dir)
+    for role in ("validation", "test"):
+        if role not in encoded:
+            continue
+        prefix = "eval" if role == "validation" else "test"
+        result = trainer.predict(encoded[role], metric_key_prefix=prefix)
+        metrics.update(result.metrics)
+        if trainer.is_world_process_zero():
+            logits = result.predictions[0] if isinstance(result.predictions, tuple) else result.predictions
+            task.write_reports(logits, result.label_ids, out, role)
+
+    # --- save (main process only), card, marker last
+    trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(args.output_dir)
+        config.save(out / CONFIG_FILE)
+        write_json_atomic(out / LABEL_MAP, {"labels": task.labels, "label2id": task.model_kwargs()["label2id"]})
+        weights = model_files(out)
+        metrics["model_size_mb"] = dir_size_mb(weights)
+        write_json_atomic(out / METRICS_FILE, metrics)
+        info = {
+            "querytune_version": __version__,
+            "run_name": args.run_name or out.name,
+            "task": config.data.task,
+            "method": config.method.method,
+            "peft": config.method.method in PEFT_METHODS,
+            "base_model": config.model.model_name_or_path,
+            "dataset": config.data.dataset_name or config.data.train_file,
+            "num_labels": len(task.labels),
+            "trainable_params": trainable,
+            "total_params": total,
+            "trainable_percent": 100 * trainable / total,
+            "train_runtime_s": metrics.get("train_runtime", 0.0),
+            "train_samples_per_second": metrics["train_step_samples_per_second"],
+            "peak_memory_kind": memory_kind,
+            "wall_time_s": time.time() - started,
+            "weights": [p.name for p in weights],
+            "metrics": {k: v for k, v in metrics.items() if k.startswith(("eval_", "test_"))},
+        }
+        write_model_card(out, info)
+        mark_finished(out, info)
+        logger.info("finished run in %s: %s", out, json.dumps(info["metrics"]))
+    return RunResult(metrics=metrics, model=trainer.model, tokenizer=tokenizer, trainer=trainer, output_dir=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `querytune train` and `python -m querytune.train`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path = argv.pop(0) if argv and not argv[0].startswith("-") else None
+    config = load_config(path, argv)
+    run(config)
+    return 0
+
+
+if __name__ == "__main__":
+    from querytune.cli import run_guarded
+
+    sys.exit(run_guarded(main))

@@ -1,0 +1,131 @@
+"""Shared fixtures: tiny randomly initialised checkpoints and a tiny query corpus written to disk.
+
+The checkpoints are saved like real pretrained models (config, weights, tokenizer) so that every test goes
+through the same `from_pretrained` path as a user run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+INTENTS = {
+    "order_status": ["where is my order {n}", "track package {n}", "order {n} status", "has order {n} shipped"],
+    "product_search": ["red {p} size {n}", "cheap {p}", "{p} for kids", "best {p} under {n} dollars"],
+    "return_refund": ["return my {p}", "refund for {p}", "how to send back {p}", "exchange {p} for size {n}"],
+    "store_locator": ["store near {n}", "open stores in {n}", "closest shop to zip {n}", "store hours {n}"],
+}
+PRODUCTS = ["shoes", "jacket", "laptop", "phone", "lamp", "sofa", "boots", "watch", "tent", "kettle"]
+
+
+def make_rows(n_per_intent: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for intent, templates in INTENTS.items():
+        for _ in range(n_per_intent):
+            text = rng.choice(templates).format(p=rng.choice(PRODUCTS), n=rng.randint(1, 99))
+            rows.append({"text": text, "intent": intent})
+    rng.shuffle(rows)
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A folder with train/validation/test jsonl: 4 intents, columns text and intent."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    write_jsonl(root / "train.jsonl", make_rows(16, 0))
+    write_jsonl(root / "validation.jsonl", make_rows(4, 1))
+    write_jsonl(root / "test.jsonl", make_rows(4, 2))
+    return root
+
+
+def _vocab() -> list[str]:
+    words = {w for ts in INTENTS.values() for t in ts for w in t.replace("{p}", "").replace("{n}", "").split()}
+    words |= set(PRODUCTS) | {str(i) for i in range(100)}
+    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words), "##s", "##ing"]
+
+
+ARCHITECTURES = ("bert", "roberta", "mpnet", "deberta-v2")
+
+
+def build_tiny_checkpoint(arch: str, folder: Path) -> Path:
+    """A 2-layer random encoder of `arch` with a WordPiece tokenizer, saved with save_pretrained."""
+    from transformers import AutoConfig, AutoModel, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = _vocab()
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    if arch in ("mpnet", "roberta"):
+        # These models take no token_type_ids (RoBERTa's type vocabulary has one entry).
+        tokenizer.model_input_names = ["input_ids", "attention_mask"]
+    common = dict(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+        max_position_embeddings=128, pad_token_id=0,
+    )  # fmt: skip
+    if arch == "deberta-v2":
+        common.update(
+            relative_attention=True, pos_att_type=["c2p", "p2c"], max_relative_positions=64, type_vocab_size=0
+        )
+    if arch in ("roberta",):
+        common.update(type_vocab_size=1, max_position_embeddings=130, bos_token_id=2, eos_token_id=3)
+    config = AutoConfig.for_model(arch, **common)
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {arch: build_tiny_checkpoint(arch, root / arch) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tiny_models) -> Path:
+    return tiny_models["bert"]
+
+
+def tiny_experiment(tmp_path: Path, model_dir: Path, data_dir: Path, **overrides) -> Path:
+    """Write an experiment YAML for a 2-step run of a tiny model and return its path."""
+    values = {
+        "model_name_or_path": str(model_dir),
+        "max_seq_length": 32,
+        "dataset_name": str(data_dir),
+        "label_column": "intent",
+        "output_dir": str(tmp_path / "run"),
+        "max_steps": 2,
+        "per_device_train_batch_size": 8,
+        "learning_rate": 0.01,
+        "eval_strategy": "no",
+        "save_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "use_cpu": True,
+        "seed": 0,
+        **overrides,
+    }
+    import yaml
+
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
