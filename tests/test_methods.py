@@ -89,3 +89,25 @@ def test_save_reload_identical_logits(tmp_path, tiny_models, tiny_data, arch, me
     if method in MERGEABLE:
         merged = LoadedRun(result.output_dir, merge=True)
         assert abs(merged.logits(TEXTS) - expected).max() < 1e-4
+
+
+def test_adalora_budget_schedule_really_runs(tmp_path, tiny_bert, tiny_data):
+    """Trainer never calls update_and_allocate; our callback must, or the rank never shrinks (NOTES.md)."""
+    from querytune.methods import AdaLoraBudgetCallback
+
+    exp = tiny_experiment(tmp_path, tiny_bert, tiny_data, method="adalora", max_steps=24, adalora_init_r=6,
+                          adalora_target_r=2, adalora_tinit=4, adalora_tfinal=6, adalora_delta_t=2,
+                          per_device_train_batch_size=4)  # fmt: skip
+    result = run(load_config(exp))
+    callback = next(c for c in result.trainer.callback_handler.callbacks if isinstance(c, AdaLoraBudgetCallback))
+    ranks = [r for _, r in callback.budget_history]
+    matrices = sum(1 for n, _ in result.model.named_modules() if n.endswith(("query", "value")))
+    assert ranks[0] == 6 * matrices, "no pruning before tinit"
+    assert ranks[-1] <= 2 * matrices < ranks[0], f"budget did not shrink to the target: {ranks}"
+    assert ranks == sorted(ranks, reverse=True)
+    assert result.model.peft_config["default"].rank_pattern, "final rank pattern is saved with the adapter"
+
+
+def test_unsupported_pair_is_a_clear_error(tiny_models):
+    with pytest.raises(ValueError, match=r"method 'prefix' cannot be applied to MPNetForSequenceClassification"):
+        _build(tiny_models["mpnet"], "prefix")

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -269,6 +271,15 @@ def _known_keys() -> dict[str, dataclasses.Field]:
     return keys
 
 
+@functools.cache
+def _field_kinds() -> dict[str, str]:
+    """Declared types as text, from the annotations: HfArgumentParser rewrites `Field.type` in place."""
+    kinds: dict[str, str] = {}
+    for cls in _SECTIONS:
+        kinds.update({name: str(hint) for name, hint in typing.get_type_hints(cls).items()})
+    return kinds
+
+
 def _to_argv(mapping: dict[str, Any]) -> list[str]:
     """Turn YAML values into flags so that argparse type-checks them exactly like command-line input."""
     argv: list[str] = []
@@ -293,11 +304,17 @@ def _suggest(key: str, known: dict[str, Any]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def read_experiment_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML experiment file into a flat dict; syntax errors name the file and line."""
+def read_experiment_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML experiment file into a flat dict; syntax errors name the file and line.
+
+    `base: other.yaml` (relative to this file) inherits every key of another experiment, so a variant holds only
+    what differs, e.g. the method block of `clinc150-lora.yaml` over `clinc150-full.yaml`.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"experiment file not found: {path}")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: 'base' files include each other in a cycle")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
@@ -309,7 +326,12 @@ def read_experiment_file(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: an experiment file must be a mapping of keys, got {type(data).__name__}")
-    return data
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: key 'base' must be a file name, got {base!r}")
+    return {**read_experiment_file(path.parent / base, (*_seen, path.resolve())), **data}
 
 
 def _cli_keys(overrides: list[str]) -> set[str]:
@@ -326,9 +348,14 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     source = str(path) if path is not None else "the command line"
     file_values = read_experiment_file(path) if path is not None else {}
     known = _known_keys()
-    for key in file_values:
+    for key, value in file_values.items():
         if key not in known:
             raise ConfigError(f"{source}: unknown key {key!r}{_suggest(key, known)}")
+        kind = _field_kinds()[key]
+        if isinstance(value, list) and "list" not in kind:
+            raise ConfigError(f"{source}: bad value for key {key!r}: expected a single value ({kind}), got a list")
+        if isinstance(value, dict) and "dict" not in kind:
+            raise ConfigError(f"{source}: bad value for key {key!r}: expected {kind}, got a mapping")
 
     cli_keys = _cli_keys(overrides)
     parser = _RaisingParser(_SECTIONS, allow_abbrev=False)

@@ -173,7 +173,9 @@ def load_classification_splits(data: DataArguments, seed: int) -> tuple[DatasetD
 
 def _carve_validation(train: Dataset, percentage: float, seed: int) -> tuple[Dataset, Dataset]:
     counts = train.to_pandas()["labels"].value_counts()
-    stratify = "labels" if counts.min() >= 2 else None
+    n_val = round(len(train) * percentage / 100)
+    # Stratify when every class can appear on both sides; tiny corpora fall back to a plain seeded split.
+    stratify = "labels" if counts.min() >= 2 and len(counts) <= n_val <= len(train) - len(counts) else None
     parts = train.train_test_split(test_size=percentage / 100, seed=seed, stratify_by_column=stratify)
     return parts["train"], parts["test"]
 

@@ -7,6 +7,7 @@ them.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -140,6 +141,13 @@ def _ia3(model: PreTrainedModel, args: MethodArguments, ctx: MethodContext) -> n
 
 
 def _prefix(model: PreTrainedModel, args: MethodArguments, ctx: MethodContext) -> nn.Module:
+    # PEFT only finds out at the first forward pass; fail before training starts instead.
+    takes_cache = (inspect.signature(m.forward).parameters for m in (model, model.base_model))
+    if not any("past_key_values" in params for params in takes_cache):
+        raise ValueError(
+            f"{model.config.model_type} attention takes no past_key_values, which prefix tuning needs; "
+            "use lora, ia3, adapter or prompt"
+        )
     config = peft.PrefixTuningConfig(
         task_type=ctx.task_type,
         num_virtual_tokens=_or(args.prefix_num_virtual_tokens, 20),
@@ -215,10 +223,13 @@ class AdaLoraBudgetCallback(TrainerCallback):
 
 
 def current_adalora_rank(model: peft.PeftModel) -> int:
-    """Total rank left in the AdaLoRA matrices: the singular values that the budget schedule has not masked."""
+    """Total rank the budget schedule currently allows: the kept singular values of every adapted matrix."""
     from peft.tuners.adalora import SVDLinear
 
-    return sum(int((m.lora_E["default"] != 0).sum()) for m in model.modules() if isinstance(m, SVDLinear))
+    config = model.peft_config["default"]
+    if config.rank_pattern:
+        return sum(int(sum(keep)) for keep in config.rank_pattern.values())
+    return config.init_r * sum(1 for m in model.modules() if isinstance(m, SVDLinear))
 
 
 def method_callbacks(model: nn.Module, args: MethodArguments) -> list[TrainerCallback]:
