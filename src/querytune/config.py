@@ -71,6 +71,13 @@ class DataArguments:
     )
     validation_file: str | None = field(default=None, metadata={"help": "Local validation file."})
     test_file: str | None = field(default=None, metadata={"help": "Local test file."})
+    rename_columns: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "OLD=NEW renames applied to every split that has OLD, e.g. when splits name a column "
+            "differently (SST-2's GLUE files: sentence / content)."
+        },
+    )
     text_column: str = field(default="text", metadata={"help": "Column holding the query."})
     text_pair_column: str | None = field(default=None, metadata={"help": "Optional second text (encoded as a pair)."})
     label_column: str = field(default="label", metadata={"help": "Column holding the label (ClassLabel or string)."})
@@ -100,6 +107,9 @@ class DataArguments:
             raise ValueError(
                 f"validation_split_percentage must be in (0, 100), got {self.validation_split_percentage}"
             )
+        for item in self.rename_columns or []:
+            if item.count("=") != 1 or not all(item.split("=")):
+                raise ValueError(f"rename_columns takes OLD=NEW items, got {item!r}")
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -308,7 +318,8 @@ def read_experiment_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict
     """Read a YAML experiment file into a flat dict; syntax errors name the file and line.
 
     `base: other.yaml` (relative to this file) inherits every key of another experiment, so a variant holds only
-    what differs, e.g. the method block of `clinc150-lora.yaml` over `clinc150-full.yaml`.
+    what differs. `base: [clinc150-full.yaml, ../methods/lora.yaml]` layers a method block over a dataset
+    experiment; later files win, and this file's own keys win over all.
     """
     path = Path(path)
     if not path.is_file():
@@ -329,9 +340,31 @@ def read_experiment_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict
     base = data.pop("base", None)
     if base is None:
         return data
-    if not isinstance(base, str):
-        raise ConfigError(f"{path}: key 'base' must be a file name, got {base!r}")
-    return {**read_experiment_file(path.parent / base, (*_seen, path.resolve())), **data}
+    bases = [base] if isinstance(base, str) else base
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: key 'base' must be a file name or a list of them, got {base!r}")
+    merged: dict[str, Any] = {}
+    for name in bases:  # later bases override earlier ones; this file overrides them all
+        merged.update(read_experiment_file(path.parent / name, (*_seen, path.resolve())))
+    return {**merged, **data}
+
+
+def _pop_nulls(overrides: list[str]) -> tuple[list[str], set[str]]:
+    """Remove `--key null` / `--key=None` pairs; return the rest and the keys set to None."""
+    kept: list[str] = []
+    nulls: set[str] = set()
+    i = 0
+    while i < len(overrides):
+        tok = overrides[i]
+        if tok.startswith("--") and "=" in tok and tok.split("=", 1)[1].lower() in ("null", "none"):
+            nulls.add(tok[2:].split("=", 1)[0])
+        elif tok.startswith("--") and i + 1 < len(overrides) and overrides[i + 1].lower() in ("null", "none"):
+            nulls.add(tok[2:])
+            i += 1
+        else:
+            kept.append(tok)
+        i += 1
+    return kept, nulls
 
 
 def _cli_keys(overrides: list[str]) -> set[str]:
@@ -358,6 +391,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"{source}: bad value for key {key!r}: expected {kind}, got a mapping")
 
     cli_keys = _cli_keys(overrides)
+    overrides, cli_nulls = _pop_nulls(overrides)
+    nulls = {k for k, v in file_values.items() if v is None} - (cli_keys - cli_nulls) | cli_nulls
     parser = _RaisingParser(_SECTIONS, allow_abbrev=False)
     argv = _to_argv(file_values) + overrides
     try:
@@ -375,6 +410,20 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         unknown = [tok for tok in rest if tok.startswith("--")] or rest
         key = unknown[0].lstrip("-").split("=")[0]
         raise ConfigError(f"command line: unknown key {key!r}{_suggest(key, known)}")
+
+    for key in nulls:  # `key: null` / `--key null` means None, not "keep the default"
+        if key not in known:
+            raise ConfigError(f"command line: unknown key {key!r}{_suggest(key, known)}")
+        if "None" not in _field_kinds()[key]:
+            raise ConfigError(f"{source}: key {key!r} cannot be null")
+        for section in (model, data, method, training):
+            if key in {f.name for f in dataclasses.fields(section)}:
+                setattr(section, key, None)
+    try:
+        for section in (model, data, method):
+            section.__post_init__()
+    except ValueError as err:
+        raise ConfigError(f"{source}: {err}") from None
 
     if training.output_dir == "runs/unnamed" and path is not None:
         training.output_dir = f"runs/{Path(path).stem}"

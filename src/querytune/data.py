@@ -83,6 +83,13 @@ def load_raw(data: DataArguments) -> tuple[DatasetDict, str]:
     return raw, name
 
 
+def _renamed(raw: DatasetDict, data: DataArguments) -> DatasetDict:
+    for item in data.rename_columns or []:
+        old, new = item.split("=")
+        raw = DatasetDict({k: ds.rename_column(old, new) if old in ds.column_names else ds for k, ds in raw.items()})
+    return raw
+
+
 def _offline() -> bool:
     import huggingface_hub.constants
 
@@ -133,6 +140,7 @@ def load_classification_splits(data: DataArguments, seed: int) -> tuple[DatasetD
     on the sample size. Without a validation split, a seeded (stratified when possible) one is carved from train.
     """
     raw, source = load_raw(data)
+    raw = _renamed(raw, data)
     if data.train_split not in raw:
         raise DataError(f"{source}: no split {data.train_split!r}; it has {list(raw)}")
     columns = [data.text_column, data.label_column] + ([data.text_pair_column] if data.text_pair_column else [])
@@ -188,6 +196,7 @@ def _sample(ds: Dataset, n: int, seed: int) -> Dataset:
 def load_eval_split(data: DataArguments, split: str, labels: list[str]) -> Dataset:
     """One split of any dataset, encoded with a trained run's label map (unknown labels are an error)."""
     raw, source = load_raw(data)
+    raw = _renamed(raw, data)
     if split not in raw:
         raise DataError(f"{source}: no split {split!r}; it has {list(raw)}")
     ds = raw[split]
