@@ -215,9 +215,7 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
     """
     import importlib, json, sys
     import torch
-    import querytune.peft_adapter as pa
-    importlib.reload(pa)  # re-registration must be idempotent
-    import querytune.peft_adapter  # noqa: F401  (second import)
+    import querytune  # importing the package alone registers the adapter type with PEFT
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
@@ -230,6 +228,10 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
         batch = torch.load(case["batch"])
         with torch.no_grad():
             torch.save(model(**batch).logits, case["out"])
+    import querytune.peft_adapter as pa
+    importlib.reload(pa)  # re-registration must be idempotent
+    import querytune.peft_adapter  # noqa: F401  (second import)
+    assert type(PeftConfig.from_pretrained(case["adapter"])).__name__ == "BottleneckConfig"
     """
 )
 

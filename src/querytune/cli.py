@@ -61,10 +61,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     """Re-score a saved run on any split of any dataset with the run's own label map."""
     import dataclasses
 
-    import numpy as np
-
     from querytune.config import DataArguments, load_config
-    from querytune.data import load_eval_split
     from querytune.inference import LoadedRun
 
     loaded = LoadedRun(args.run_dir, merge=not args.no_merge)
@@ -80,21 +77,12 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     if given & set(sources):  # a new dataset: forget the training run's files
         for key in set(sources) - given:
             setattr(config.data, key, None)
-    ds = load_eval_split(config.data, args.split, loaded.labels)
-    texts = ds[config.data.text_column]
-    pairs = ds[config.data.text_pair_column] if config.data.text_pair_column else None
-    logits = loaded.logits([t or "" for t in texts], pairs, batch_size=args.batch_size)
-    labels = np.asarray(ds["labels"])
     loaded.task.config = config
-    from transformers import EvalPrediction
-
-    metrics = loaded.task.compute_metrics(EvalPrediction(predictions=logits, label_ids=labels))
     name = Path(config.data.dataset_name or config.data.train_file or "data").name
     out_dir = Path(args.run_dir) / "evals" / f"{name}-{args.split}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    loaded.task.write_reports(logits, labels, out_dir, args.split)
-    result = {"dataset": config.data.dataset_name or config.data.train_file, "split": args.split,
-              "num_examples": len(ds), **metrics}  # fmt: skip
+    metrics = loaded.task.evaluate(loaded, args.split, out_dir, batch_size=args.batch_size)
+    result = {"dataset": config.data.dataset_name or config.data.train_file, "split": args.split, **metrics}
     write_json_atomic(out_dir / "metrics.json", result)
     print(json.dumps(result, indent=2))
     return 0

@@ -45,9 +45,8 @@ class LoadedRun:
         self.run_dir = Path(run_dir)
         self.info = read_run(self.run_dir)
         self.config: ExperimentConfig = load_config(self.run_dir / CONFIG_FILE)
-        self.labels: list[str] = json.loads((self.run_dir / LABEL_MAP).read_text())["labels"]
         self.task = get_task(self.config.data.task)(self.config)
-        self.task.labels = self.labels
+        self.task.set_label_info(json.loads((self.run_dir / LABEL_MAP).read_text()))
         self.tokenizer = load_tokenizer(str(self.run_dir))
         self.method = self.config.method.method
         self.model = self._load_model(merge).to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -81,40 +80,8 @@ class LoadedRun:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    @torch.inference_mode()
     def logits(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64) -> np.ndarray:
-        """Logits for many queries; batches are formed by length so little time goes to padding."""
-        max_len = self.config.model.max_seq_length
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out: list[np.ndarray | None] = [None] * len(texts)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            enc = self.tokenizer(
-                [texts[i] for i in idx],
-                [pairs[i] for i in idx] if pairs else None,
-                truncation=True,
-                max_length=max_len,
-                padding=True,
-                return_tensors="pt",
-            ).to(self.device)
-            logits = self.model(**enc).logits.float().cpu().numpy()
-            for row, i in enumerate(idx):
-                out[i] = logits[row]
-        return np.stack(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
+        return self.task.logits(self, texts, pairs, batch_size=batch_size)
 
     def predict(self, texts: list[str], top_k: int = 3, batch_size: int = 64) -> list[dict[str, Any]]:
-        """Label, score and the top-k labels with probabilities for each query."""
-        logits = self.logits(texts, batch_size=batch_size)
-        probs = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
-        results = []
-        for text, p in zip(texts, probs, strict=True):
-            top = np.argsort(p)[::-1][: max(1, top_k)]
-            results.append(
-                {
-                    "query": text,
-                    "label": self.labels[top[0]],
-                    "score": round(float(p[top[0]]), 6),
-                    "top_k": [{"label": self.labels[i], "score": round(float(p[i]), 6)} for i in top],
-                }
-            )
-        return results
+        return self.task.predict(self, texts, top_k=top_k, batch_size=batch_size)

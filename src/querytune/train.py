@@ -195,7 +195,7 @@ def run(config: ExperimentConfig) -> RunResult:
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(args.output_dir)
         config.save(out / CONFIG_FILE)
-        write_json_atomic(out / LABEL_MAP, {"labels": task.labels, "label2id": task.model_kwargs()["label2id"]})
+        write_json_atomic(out / LABEL_MAP, task.label_info())
         weights = model_files(out)
         metrics["model_size_mb"] = dir_size_mb(weights)
         write_json_atomic(out / METRICS_FILE, metrics)

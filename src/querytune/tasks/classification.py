@@ -9,12 +9,13 @@ from typing import Any
 
 import numpy as np
 import peft
+import torch
 from datasets import DatasetDict
 from sklearn.metrics import classification_report, confusion_matrix
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, EvalPrediction
 
 from querytune.config import ExperimentConfig
-from querytune.data import load_classification_splits
+from querytune.data import load_classification_splits, load_eval_split
 from querytune.metrics import load_metric
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,13 @@ class ClassificationTask:
     def load_data(self) -> DatasetDict:
         splits, self.labels = load_classification_splits(self.config.data, self.config.training.seed)
         return splits
+
+    def label_info(self) -> dict[str, Any]:
+        """What is saved as label_map.json and restored by `set_label_info` when a run is loaded."""
+        return {"labels": self.labels, "label2id": {label: i for i, label in enumerate(self.labels)}}
+
+    def set_label_info(self, info: dict[str, Any]) -> None:
+        self.labels = list(info["labels"])
 
     def model_kwargs(self) -> dict[str, Any]:
         return {
@@ -100,6 +108,55 @@ class ClassificationTask:
         pairs = most_confused_pairs(matrix, self.labels, k=25)
         (out_dir / f"{split}_confused_pairs.json").write_text(json.dumps(pairs, indent=2))
         plot_confusions(matrix, self.labels, pairs, out_dir / f"{split}_confusion.png", title=f"{split} split")
+
+    # --- inference on a loaded run
+    @torch.inference_mode()
+    def logits(self, run, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64) -> np.ndarray:
+        """Logits for many queries; batches are formed by length so little time goes to padding."""
+        max_len = self.config.model.max_seq_length
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out: list[np.ndarray | None] = [None] * len(texts)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            enc = run.tokenizer(
+                [texts[i] for i in idx],
+                [pairs[i] for i in idx] if pairs else None,
+                truncation=True,
+                max_length=max_len,
+                padding=True,
+                return_tensors="pt",
+            ).to(run.device)
+            logits = run.model(**enc).logits.float().cpu().numpy()
+            for row, i in enumerate(idx):
+                out[i] = logits[row]
+        return np.stack(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
+
+    def predict(self, run, texts: list[str], top_k: int = 3, batch_size: int = 64) -> list[dict[str, Any]]:
+        """Label, score and the top-k labels with probabilities for each query."""
+        probs = torch.softmax(torch.from_numpy(self.logits(run, texts, batch_size=batch_size)), dim=-1).numpy()
+        results = []
+        for text, p in zip(texts, probs, strict=True):
+            top = np.argsort(p)[::-1][: max(1, top_k)]
+            results.append(
+                {
+                    "query": text,
+                    "label": self.labels[top[0]],
+                    "score": round(float(p[top[0]]), 6),
+                    "top_k": [{"label": self.labels[i], "score": round(float(p[i]), 6)} for i in top],
+                }
+            )
+        return results
+
+    def evaluate(self, run, split: str, out_dir: Path, batch_size: int = 64) -> dict[str, Any]:
+        """Score a loaded run on one split of `self.config.data` with the run's label map; write the reports."""
+        data = self.config.data
+        ds = load_eval_split(data, split, self.labels)
+        pairs = ds[data.text_pair_column] if data.text_pair_column else None
+        logits = self.logits(run, [t or "" for t in ds[data.text_column]], pairs, batch_size=batch_size)
+        labels = np.asarray(ds["labels"])
+        metrics = self.compute_metrics(EvalPrediction(predictions=logits, label_ids=labels))
+        self.write_reports(logits, labels, out_dir, split)
+        return {"num_examples": len(ds), **metrics}
 
 
 def most_confused_pairs(matrix: np.ndarray, labels: list[str], k: int = 25) -> list[dict[str, Any]]:
