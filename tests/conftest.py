@@ -66,7 +66,7 @@ def _vocab() -> list[str]:
 ARCHITECTURES = ("bert", "roberta", "mpnet", "deberta-v2")
 
 
-def build_tiny_checkpoint(arch: str, folder: Path) -> Path:
+def build_tiny_checkpoint(arch: str, folder: Path, **config_overrides) -> Path:
     """A 2-layer random encoder of `arch` with a WordPiece tokenizer, saved with save_pretrained."""
     from transformers import AutoConfig, AutoModel, BertTokenizerFast
 
@@ -87,7 +87,7 @@ def build_tiny_checkpoint(arch: str, folder: Path) -> Path:
         )
     if arch in ("roberta",):
         common.update(type_vocab_size=1, max_position_embeddings=130, bos_token_id=2, eos_token_id=3)
-    config = AutoConfig.for_model(arch, **common)
+    config = AutoConfig.for_model(arch, **{**common, **config_overrides})
     torch.manual_seed(0)
     AutoModel.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

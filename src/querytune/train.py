@@ -11,6 +11,7 @@ the tokenizer, the label map, the resolved config, metrics, reports, plots, a mo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -76,6 +77,30 @@ def peak_memory_mb() -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"
 
 
+def check_distributed(config: ExperimentConfig) -> None:
+    """Fail loudly on the two silent multi-process traps (NOTES.md).
+
+    - Several processes were launched but each trains alone (on CPU without use_cpu / ACCELERATE_USE_CPU=1 no
+      process group is formed): every rank would write the same run directory with unsynchronised weights.
+    - The ranks resolved different configs (e.g. a sweep's parameters reached only rank 0).
+    """
+    import os
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    args = config.training
+    if launched > 1 and args.world_size != launched:
+        raise RuntimeError(
+            f"{launched} processes were launched but training runs in {args.world_size}: on CPU set use_cpu: true "
+            "(or ACCELERATE_USE_CPU=1) so the processes join one gloo group"
+        )
+    if args.world_size > 1 and torch.distributed.is_initialized():
+        digest = hashlib.sha256(json.dumps(config.to_flat_dict(), sort_keys=True, default=str).encode()).hexdigest()
+        digests: list[str | None] = [None] * args.world_size
+        torch.distributed.all_gather_object(digests, digest)
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"the {args.world_size} processes resolved different experiment configs: {digests}")
+
+
 def setup_logging(config: ExperimentConfig) -> None:
     level = config.training.get_process_log_level()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, stream=sys.stdout)
@@ -111,6 +136,7 @@ def run(config: ExperimentConfig) -> RunResult:
     if args.should_save:
         prepare_output_dir(args.output_dir, resume=resume is not None, overwrite=args.overwrite_output_dir)
     set_seed(args.seed)
+    check_distributed(config)
 
     # --- data
     task = get_task(config.data.task)(config)
@@ -177,6 +203,7 @@ def run(config: ExperimentConfig) -> RunResult:
                                for k, v in train_result.metrics.items()}  # fmt: skip
     metrics["train_step_samples_per_second"] = throughput.samples_per_second(args)
     metrics["peak_memory_mb"], memory_kind = peak_memory_mb()
+    metrics["world_size"] = args.world_size
 
     # --- evaluate
     out = Path(args.output_dir)
@@ -199,6 +226,7 @@ def run(config: ExperimentConfig) -> RunResult:
         weights = model_files(out)
         metrics["model_size_mb"] = dir_size_mb(weights)
         write_json_atomic(out / METRICS_FILE, metrics)
+        write_json_atomic(out / "train_log.json", trainer.state.log_history)
         info = {
             "querytune_version": __version__,
             "run_name": args.run_name or out.name,
