@@ -215,6 +215,11 @@ class QueryTrainingArguments(TrainingArguments):
     early_stopping_patience: int | None = field(
         default=None, metadata={"help": "Stop after N evaluations without improvement (needs metric_for_best_model)."}
     )
+    wandb_project: str | None = field(
+        default=None, metadata={"help": "W&B project (report_to: wandb); default $WANDB_PROJECT or 'querytune'."}
+    )
+    wandb_group: str | None = field(default=None, metadata={"help": "W&B group, e.g. the sweep or the dataset."})
+    wandb_tags: list[str] | None = field(default=None, metadata={"help": "W&B tags."})
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow training into a non-empty output_dir (a finished run is replaced)."}
     )

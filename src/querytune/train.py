@@ -28,7 +28,7 @@ import transformers
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from querytune import __version__
+from querytune import __version__, tracking
 from querytune.config import ExperimentConfig, load_config
 from querytune.methods import PEFT_METHODS, MethodContext, apply_method, method_callbacks
 from querytune.models import count_parameters, load_pretrained, load_tokenizer, resolve_model_path
@@ -186,6 +186,7 @@ def run(config: ExperimentConfig) -> RunResult:
     callbacks: list[TrainerCallback] = [throughput, *method_callbacks(model, config.method)]
     if args.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
+    wandb_run = tracking.start_run(config)
     trainer = Trainer(
         model=model,
         args=args,
@@ -198,7 +199,12 @@ def run(config: ExperimentConfig) -> RunResult:
     )
 
     # --- train
-    train_result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        train_result = trainer.train(resume_from_checkpoint=resume)
+    except BaseException:
+        if wandb_run is not None:
+            wandb_run.finish(exit_code=1)
+        raise
     metrics: dict[str, Any] = {f"train_{k}" if not k.startswith("train") else k: v
                                for k, v in train_result.metrics.items()}  # fmt: skip
     metrics["train_step_samples_per_second"] = throughput.samples_per_second(args)
@@ -248,6 +254,7 @@ def run(config: ExperimentConfig) -> RunResult:
         }
         write_model_card(out, info)
         mark_finished(out, info)
+        tracking.finish_run(wandb_run, metrics, out, info)
         logger.info("finished run in %s: %s", out, json.dumps(info["metrics"]))
     return RunResult(metrics=metrics, model=trainer.model, tokenizer=tokenizer, trainer=trainer, output_dir=out)
 

@@ -1,0 +1,84 @@
+"""Weights & Biases tracking: one W&B run per training, offline when there is no API key, reports as tables.
+
+Trainer's own `WandbCallback` logs the training curves; it reuses the run started here, which carries querytune's
+full resolved config, the experiment's name, group and tags. Trainer never calls `wandb.finish()`, so without
+`finish_run` two trainings in one process (a sweep) would share one W&B run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+from querytune.config import ExperimentConfig
+
+logger = logging.getLogger(__name__)
+
+
+def wants_wandb(config: ExperimentConfig) -> bool:
+    return "wandb" in (config.training.report_to or [])
+
+
+def has_api_key() -> bool:
+    """Whether wandb could authenticate: WANDB_API_KEY or a stored login in ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("//")[-1]
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def start_run(config: ExperimentConfig) -> Any | None:
+    """Start this training's W&B run on the main process (before Trainer, which then reuses it)."""
+    if not wants_wandb(config) or not config.training.should_log:
+        return None
+    import wandb
+
+    if not os.environ.get("WANDB_MODE") and not has_api_key():
+        os.environ["WANDB_MODE"] = "offline"
+        print(
+            "querytune: no W&B API key found: logging offline to "
+            f"{os.environ.get('WANDB_DIR', '.')}/wandb (upload later with `wandb sync <that folder>/offline-run-*`)"
+        )
+    args = config.training
+    return wandb.init(
+        project=args.wandb_project or os.environ.get("WANDB_PROJECT", "querytune"),
+        name=args.run_name,
+        group=args.wandb_group or os.environ.get("WANDB_RUN_GROUP"),
+        tags=args.wandb_tags,
+        config=config.to_flat_dict(),
+        reinit="finish_previous",
+    )
+
+
+def finish_run(run: Any | None, metrics: dict[str, Any], output_dir: Path, info: dict[str, Any]) -> None:
+    """Log final metrics, per-label reports (as tables) and plots (as images), then close the run."""
+    if run is None:
+        return
+    import wandb
+
+    run.summary.update({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+    run.summary.update({k: info[k] for k in ("trainable_params", "trainable_percent", "method") if k in info})
+    for report in sorted(output_dir.glob("*_report.json")):
+        rows = report_rows(json.loads(report.read_text()))
+        if rows:
+            columns = list(rows[0])
+            run.log({f"report/{report.stem}": wandb.Table(columns=columns, data=[list(r.values()) for r in rows])})
+    for image in sorted(output_dir.glob("*.png")):
+        run.log({f"plots/{image.stem}": wandb.Image(str(image))})
+    run.finish()
+
+
+def report_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Flatten a classification report ({label: {precision, recall, f1-score, support}}) into table rows."""
+    rows = []
+    for label, values in report.items():
+        if isinstance(values, dict):
+            rows.append({"label": label, **{k: float(v) for k, v in values.items()}})
+    return rows

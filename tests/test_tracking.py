@@ -1,0 +1,55 @@
+"""W&B: offline without a key, one run per training, metrics and reports readable back from disk."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from querytune.config import load_config
+from querytune.train import run
+
+from .conftest import tiny_experiment
+
+
+def read_offline_run(run_dir) -> dict:
+    """Read a W&B offline run back with wandb's own reader (`wandb leet inspect --summary --json`)."""
+    proc = subprocess.run(["wandb", "leet", "inspect", "--summary", "--json", str(run_dir)], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture
+def wandb_offline_env(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc login
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "wb").mkdir()
+    (tmp_path / "home").mkdir()
+    return tmp_path / "wb" / "wandb"
+
+
+def test_two_trainings_make_two_offline_runs_with_metrics(tmp_path, tiny_bert, tiny_data, wandb_offline_env, capsys):
+    names = []
+    for i in range(2):
+        (tmp_path / f"t{i}").mkdir()
+        exp = tiny_experiment(tmp_path / f"t{i}", tiny_bert, tiny_data, method="lora", report_to="wandb",
+                              run_name=f"run-{i}", wandb_group="unit", logging_steps=1)  # fmt: skip
+        result = run(load_config(exp))
+        names.append((f"run-{i}", result.metrics["test_accuracy"]))
+    assert "no W&B API key found: logging offline" in capsys.readouterr().out
+    runs = sorted(wandb_offline_env.glob("offline-run-*"))
+    assert len(runs) == 2, "two trainings in one process must not share a W&B run"
+    for run_dir, (name, accuracy) in zip(runs, names, strict=True):
+        record = read_offline_run(run_dir)
+        assert record["name"] == name
+        summary = record["summary"]
+        assert summary["test_accuracy"] == pytest.approx(accuracy)
+        assert summary["method"] == "lora" and 0 < summary["trainable_percent"] < 100
+        assert summary["report/test_report"]["nrows"] == 4 + 2  # 4 intents + macro/weighted averages
+        assert "plots/test_confusion" in summary
+        assert "lora_r" in json.dumps(record["config"]), "the full querytune config is logged"
