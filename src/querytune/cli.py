@@ -17,11 +17,12 @@ from pathlib import Path
 
 from querytune.config import ConfigError
 from querytune.data import DataError
+from querytune.hub import PushError
 from querytune.models import ModelError
 from querytune.runs import RunError, write_json_atomic
 
 # Errors whose message says all the user needs; anything else keeps its traceback.
-USER_ERRORS = (ConfigError, DataError, ModelError, RunError, FileNotFoundError, ValueError)
+USER_ERRORS = (ConfigError, DataError, ModelError, RunError, PushError, FileNotFoundError, ValueError)
 
 
 def run_guarded(fn: Callable[[], int] | Callable[[list[str] | None], int], *a) -> int:
@@ -88,6 +89,13 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from querytune.hub import push_run
+
+    print(push_run(args.run_dir, args.repo_id, token=args.token, private=args.private or None))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="querytune", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -112,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", help="the split to score (default test)")
     ev.add_argument("--batch_size", "--batch-size", type=int, default=64)
     ev.add_argument("--no_merge", "--no-merge", action="store_true")
+    push = sub.add_parser("push", help="upload a finished run (adapter, head, label map, card) to the Hub")
+    push.add_argument("run_dir")
+    push.add_argument("--repo-id", "--repo_id", dest="repo_id", required=True, help="ORG/NAME on the Hub")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the stored login)")
     return parser
 
 
@@ -131,10 +144,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_guarded(train_main, rest)
     args, overrides = parser.parse_known_args(argv)
-    if args.command == "predict":
+    if args.command in ("predict", "push"):
         if overrides:
             parser.error(f"unknown arguments: {' '.join(overrides)}")
-        return run_guarded(cmd_predict, args)
+        return run_guarded(cmd_predict if args.command == "predict" else cmd_push, args)
     return run_guarded(cmd_eval, args, overrides)
 
 

@@ -76,25 +76,7 @@ def model_files(run_dir: str | Path) -> list[Path]:
 
 
 def write_model_card(output_dir: Path, info: dict[str, Any]) -> None:
-    """A short README: what was trained, how well, and how to use it."""
-    metrics = info.get("metrics", {})
-    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, float))
-    text = f"""# {info["run_name"]}
+    """The run's README: the same card that `querytune push` uploads (see querytune.hub)."""
+    from querytune.hub import model_card
 
-Fine-tuned with [querytune](https://github.com/querytune/querytune) for **{info["task"]}**.
-
-- Base model: `{info["base_model"]}`
-- Method: `{info["method"]}` ({info["trainable_params"]:,} trainable of {info["total_params"]:,} parameters,
-  {info["trainable_percent"]:.3f}%)
-- Data: `{info["dataset"]}` ({info["num_labels"]} labels)
-- Training: {info["train_runtime_s"]:.0f} s, {info["train_samples_per_second"]:.1f} samples/s
-
-| metric | value |
-|---|---|
-{rows}
-
-```
-querytune predict {output_dir} "where is my package"
-```
-"""
-    (output_dir / "README.md").write_text(text)
+    model_card(output_dir, info).save(output_dir / "README.md")

@@ -30,6 +30,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from querytune import __version__, tracking
 from querytune.config import ExperimentConfig, load_config
+from querytune.hub import push_run
 from querytune.methods import PEFT_METHODS, MethodContext, apply_method, method_callbacks
 from querytune.models import count_parameters, load_pretrained, load_tokenizer, resolve_model_path
 from querytune.runs import (
@@ -186,6 +187,10 @@ def run(config: ExperimentConfig) -> RunResult:
     callbacks: list[TrainerCallback] = [throughput, *method_callbacks(model, config.method)]
     if args.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
+    # querytune pushes the finished run itself (card, label map, no checkpoints); Trainer must not push, and the
+    # token must not reach training_args.bin, which Trainer pickles into every checkpoint.
+    push, hub_token = args.push_to_hub, args.hub_token
+    args.push_to_hub, args.hub_token = False, None
     wandb_run = tracking.start_run(config)
     trainer = Trainer(
         model=model,
@@ -227,6 +232,7 @@ def run(config: ExperimentConfig) -> RunResult:
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(args.output_dir)
+        args.push_to_hub = push  # the saved config is what the user asked for
         config.save(out / CONFIG_FILE)
         write_json_atomic(out / LABEL_MAP, task.label_info())
         weights = model_files(out)
@@ -255,6 +261,9 @@ def run(config: ExperimentConfig) -> RunResult:
         write_model_card(out, info)
         mark_finished(out, info)
         tracking.finish_run(wandb_run, metrics, out, info)
+        if push:
+            repo_id = args.hub_model_id or out.name
+            metrics["hub_url"] = push_run(out, repo_id, token=hub_token, private=args.hub_private_repo)
         logger.info("finished run in %s: %s", out, json.dumps(info["metrics"]))
     return RunResult(metrics=metrics, model=trainer.model, tokenizer=tokenizer, trainer=trainer, output_dir=out)
 
