@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from querytune.report import machine_description, markdown_table, run_row  # noqa: E402
+from querytune.report import machine_description, markdown_table, plot_runs, run_row  # noqa: E402
 from querytune.runs import MARKER  # noqa: E402
 
 METHODS = ["full", "lora", "adapter-houlsby", "adapter-pfeiffer", "ia3", "adalora", "prompt", "prefix", "freeze",
@@ -118,6 +118,8 @@ def write_table(args: argparse.Namespace, rows: list[dict], speeds: dict[str, fl
         "",
         markdown_table(rows),
         "",
+        f"![comparison chart]({Path(args.out).with_suffix('.png').name})",
+        "",
     ]
     if speeds:
         lines += [
@@ -129,6 +131,7 @@ def write_table(args: argparse.Namespace, rows: list[dict], speeds: dict[str, fl
         ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines))
+    plot_runs(rows, Path(args.out).with_suffix(".png"), title="CLINC150, all-MiniLM-L6-v2 (test split)")
 
 
 if __name__ == "__main__":

@@ -101,3 +101,16 @@ def test_console_script_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "querytune", "train", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "bad.yaml: YAML syntax error at line 2" in proc.stderr
+
+
+def test_report_compares_runs_and_skips_unfinished(finished_run, tmp_path, capsys):
+    half = tmp_path / "half"
+    half.mkdir()
+    out, png = tmp_path / "r.md", tmp_path / "r.png"
+    assert main(["report", str(finished_run), str(half), "--out", str(out), "--png", str(png)]) == 0
+    captured = capsys.readouterr()
+    assert f"skipping {half}" in captured.err
+    table = out.read_text()
+    assert "| run | method |" in table and "| lora |" in table and "trainable %" in table
+    assert png.stat().st_size > 10_000
+    assert main(["report", str(half)]) == 2

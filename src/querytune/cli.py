@@ -96,6 +96,38 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
+    from querytune.sweep import run_sweep
+
+    summary = run_sweep(args.sweep_file, args.trials, args.output_dir, seed=args.seed, extra_args=overrides)
+    best = summary["best"]
+    print(json.dumps({"best": best and {k: best[k] for k in ("trial", "value", "params", "run_dir")}}, indent=2))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Compare finished runs: a Markdown table and a PNG chart (unfinished directories are skipped, with a note)."""
+    from querytune.report import machine_description, markdown_table, plot_runs, run_row
+
+    rows = []
+    for run_dir in args.runs:
+        try:
+            rows.append(run_row(run_dir, metric_prefix=args.split))
+        except RunError as err:
+            print(f"querytune: skipping {run_dir}: {err}", file=sys.stderr)
+    if not rows:
+        raise RunError("no finished runs to report")
+    table = markdown_table(rows)
+    text = f"# {args.title}\n\nMeasured on: {machine_description()}.\n\n{table}\n"
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    if args.png:
+        plot_runs(rows, args.png, title=args.title)
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="querytune", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -120,6 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", help="the split to score (default test)")
     ev.add_argument("--batch_size", "--batch-size", type=int, default=64)
     ev.add_argument("--no_merge", "--no-merge", action="store_true")
+    sweep = sub.add_parser("sweep", help="run a W&B sweep file offline with Optuna (extra flags go to every trial)")
+    sweep.add_argument("sweep_file")
+    sweep.add_argument("--trials", type=int, default=8)
+    sweep.add_argument("--sweep_dir", "--sweep-dir", dest="output_dir", default=None, help="default runs/sweep-<name>")
+    sweep.add_argument("--sweep_seed", "--sweep-seed", dest="seed", type=int, default=0, help="sampler seed")
+
+    report = sub.add_parser("report", help="compare finished runs: Markdown table + PNG chart")
+    report.add_argument("runs", nargs="+")
+    report.add_argument("--out", help="write the Markdown table here")
+    report.add_argument("--png", help="write the comparison chart here")
+    report.add_argument("--split", default="test", choices=["test", "eval"], help="metrics of this split")
+    report.add_argument("--title", default="querytune run comparison")
+
     push = sub.add_parser("push", help="upload a finished run (adapter, head, label map, card) to the Hub")
     push.add_argument("run_dir")
     push.add_argument("--repo-id", "--repo_id", dest="repo_id", required=True, help="ORG/NAME on the Hub")
@@ -144,10 +189,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_guarded(train_main, rest)
     args, overrides = parser.parse_known_args(argv)
-    if args.command in ("predict", "push"):
+    if args.command in ("predict", "push", "report"):
         if overrides:
             parser.error(f"unknown arguments: {' '.join(overrides)}")
-        return run_guarded(cmd_predict if args.command == "predict" else cmd_push, args)
+        return run_guarded({"predict": cmd_predict, "push": cmd_push, "report": cmd_report}[args.command], args)
+    if args.command == "sweep":
+        return run_guarded(cmd_sweep, args, overrides)
     return run_guarded(cmd_eval, args, overrides)
 
 

@@ -101,3 +101,37 @@ def machine_description() -> str:
         f"{cpu}, {cores} cores; {device}; Python {platform.python_version()}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}; querytune commit {commit or 'unknown'}"
     )
+
+
+def plot_runs(rows: list[dict[str, Any]], path: str | Path, title: str = "querytune runs") -> None:
+    """Bar charts side by side: the task metric, trainable %, model MB, train time, samples/s and peak memory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = "in_scope_accuracy" if any(r.get("in_scope_accuracy") is not None for r in rows) else "accuracy"
+    panels = [
+        (metric, f"{metric.replace('_', ' ')} %", 100.0),
+        ("trainable_percent", "trainable %", 1.0),
+        ("model_size_mb", "model / adapter MB", 1.0),
+        ("train_runtime_s", "train time s", 1.0),
+        ("train_samples_per_second", "train samples/s", 1.0),
+        ("peak_memory_mb", "peak memory MB", 1.0),
+    ]
+    names = [r["run"] for r in rows]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 0.45 * len(rows) + 2), sharey=True)
+    for ax, (key, label, scale) in zip(axes, panels, strict=True):
+        values = [(r.get(key) or 0.0) * scale for r in rows]
+        ax.barh(range(len(rows)), values, color="tab:blue")
+        ax.set_yticks(range(len(rows)), names)
+        ax.set_title(label, fontsize=10)
+        if key == "trainable_percent":
+            ax.set_xscale("log")
+        for i, v in enumerate(values):
+            ax.text(v, i, f" {v:.3g}", va="center", fontsize=8)
+    axes[0].invert_yaxis()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -122,8 +122,8 @@ class RunResult:
     output_dir: Path
 
 
-def run(config: ExperimentConfig) -> RunResult:
-    """Train, evaluate and save one experiment."""
+def run(config: ExperimentConfig, callbacks: list[TrainerCallback] | None = None) -> RunResult:
+    """Train, evaluate and save one experiment; `callbacks` are added to the Trainer's (sweeps use this)."""
     args = config.training
     setup_logging(config)
     started = time.time()
@@ -184,7 +184,7 @@ def run(config: ExperimentConfig) -> RunResult:
         args.metric_for_best_model = task.default_metric
         args.greater_is_better = True
     throughput = ThroughputCallback()
-    callbacks: list[TrainerCallback] = [throughput, *method_callbacks(model, config.method)]
+    callbacks = [throughput, *method_callbacks(model, config.method), *(callbacks or [])]
     if args.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
     # querytune pushes the finished run itself (card, label map, no checkpoints); Trainer must not push, and the
@@ -225,8 +225,7 @@ def run(config: ExperimentConfig) -> RunResult:
         result = trainer.predict(encoded[role], metric_key_prefix=prefix)
         metrics.update(result.metrics)
         if trainer.is_world_process_zero():
-            logits = result.predictions[0] if isinstance(result.predictions, tuple) else result.predictions
-            task.write_reports(logits, result.label_ids, out, role)
+            task.write_reports(result.predictions, result.label_ids, out, role)  # every head's outputs (joint task)
 
     # --- save (main process only), card, marker last
     trainer.save_model(args.output_dir)

@@ -1,0 +1,276 @@
+"""Run a standard W&B sweep file offline with Optuna: `querytune sweep sweeps/X.yaml --trials N`.
+
+The same file works with `wandb sweep` + `wandb agent` against the W&B server. Offline, its `method` picks the
+Optuna sampler (grid → GridSampler, random → RandomSampler, bayes → TPESampler), `early_terminate: hyperband`
+picks a HyperbandPruner fed by every evaluation, `metric` is the objective, and `command` names the experiment
+and any fixed flags. Each trial is an ordinary training with its own run directory and its own W&B run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import TrainerCallback
+
+from querytune.config import ConfigError, load_config
+from querytune.runs import CONFIG_FILE, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED = ("constant", "categorical", "int_uniform", "uniform", "q_uniform", "log_uniform_values", "log_uniform")
+UNSUPPORTED = ("normal", "q_normal", "log_normal", "q_log_normal", "q_log_uniform", "q_log_uniform_values",
+               "inv_log_uniform", "inv_log_uniform_values", "beta", "q_beta")  # fmt: skip
+METHODS = {"grid", "random", "bayes"}
+
+
+@dataclass
+class Sweep:
+    """A parsed W&B sweep file."""
+
+    path: Path
+    method: str
+    metric: str  # querytune metric key, e.g. eval_accuracy
+    goal: str  # maximize | minimize
+    parameters: dict[str, dict[str, Any]]
+    experiment: str
+    fixed_args: list[str] = field(default_factory=list)
+    hyperband: dict[str, Any] | None = None
+    name: str = "sweep"
+
+
+def _distribution(name: str, spec: Any, where: str) -> dict[str, Any]:
+    """Normalise one W&B parameter spec to {kind, ...}; unsupported kinds are an error that names them."""
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: parameter {name!r} must be a mapping (value / values / distribution)")
+    if "parameters" in spec:
+        raise ConfigError(f"{where}: nested parameters ({name!r}) are not supported offline")
+    kind = spec.get("distribution")
+    if kind is None:  # W&B infers the distribution
+        if "value" in spec:
+            kind = "constant"
+        elif "values" in spec:
+            kind = "categorical"
+        elif isinstance(spec.get("min"), int) and isinstance(spec.get("max"), int):
+            kind = "int_uniform"
+        else:
+            kind = "uniform"
+    if kind in UNSUPPORTED or kind not in SUPPORTED:
+        raise ConfigError(
+            f"{where}: parameter {name!r} uses distribution {kind!r}, which `querytune sweep` does not support "
+            f"offline (supported: {', '.join(SUPPORTED)}). `wandb agent` runs it against the W&B server."
+        )
+    if kind == "categorical" and "probabilities" in spec:
+        raise ConfigError(f"{where}: parameter {name!r}: categorical 'probabilities' are not supported offline")
+    if kind in ("int_uniform", "uniform", "q_uniform", "log_uniform_values", "log_uniform"):
+        if "min" not in spec or "max" not in spec:
+            raise ConfigError(f"{where}: parameter {name!r} ({kind}) needs min and max")
+    return {"kind": kind, **spec}
+
+
+def _command_target(command: list[str], where: str) -> tuple[str, list[str]]:
+    """The experiment file and fixed flags from a sweep `command` (`... -m querytune.train EXP [flags] ${args}`)."""
+    tokens = [
+        t for t in command if t not in ("${env}", "${interpreter}", "${program}", "${args}", "${args_no_hyphens}")
+    ]
+    for i, tok in enumerate(tokens):
+        if tok in ("querytune.train", "train") and i + 1 < len(tokens):
+            return tokens[i + 1], tokens[i + 2 :]
+    raise ConfigError(f"{where}: `command` must run `-m querytune.train EXPERIMENT.yaml ... ${{args}}`")
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Parse and check a W&B sweep file (before any trial runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file not found: {path}")
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: YAML syntax error: {err}") from err
+    method = spec.get("method")
+    if method not in METHODS:
+        raise ConfigError(f"{path}: method must be one of {sorted(METHODS)}, got {method!r}")
+    metric = spec.get("metric") or {}
+    if "name" not in metric:
+        raise ConfigError(f"{path}: metric.name is required (e.g. eval/accuracy)")
+    goal = metric.get("goal", "maximize")
+    if goal not in ("maximize", "minimize"):
+        raise ConfigError(f"{path}: metric.goal must be maximize or minimize, got {goal!r}")
+    params = {name: _distribution(name, p, str(path)) for name, p in (spec.get("parameters") or {}).items()}
+    if not params:
+        raise ConfigError(f"{path}: no parameters to sweep")
+    if method == "grid":
+        bad = [n for n, p in params.items() if p["kind"] not in ("constant", "categorical")]
+        if bad:
+            raise ConfigError(f"{path}: a grid sweep needs `values` for every parameter; {bad} have ranges")
+    early = spec.get("early_terminate")
+    if early is not None and early.get("type") != "hyperband":
+        raise ConfigError(f"{path}: early_terminate type {early.get('type')!r} is not supported (hyperband is)")
+    command = spec.get("command")
+    if not isinstance(command, list):
+        raise ConfigError(f"{path}: `command` (a list) must name the experiment")
+    experiment, fixed = _command_target([str(c) for c in command], str(path))
+    # W&B logs Trainer metrics as eval/accuracy; querytune's result keys are eval_accuracy.
+    key = metric["name"].replace("/", "_")
+    return Sweep(path=path, method=method, metric=key, goal=goal, parameters=params, experiment=experiment,
+                 fixed_args=fixed, hyperband=early, name=spec.get("name") or path.stem)  # fmt: skip
+
+
+def suggest(trial, parameters: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Draw one value per parameter with Optuna's trial API."""
+    values: dict[str, Any] = {}
+    for name, p in parameters.items():
+        kind = p["kind"]
+        if kind == "constant":
+            values[name] = p["value"]
+        elif kind == "categorical":
+            values[name] = trial.suggest_categorical(name, p["values"])
+        elif kind == "int_uniform":
+            values[name] = trial.suggest_int(name, int(p["min"]), int(p["max"]))
+        elif kind == "uniform":
+            values[name] = trial.suggest_float(name, float(p["min"]), float(p["max"]))
+        elif kind == "q_uniform":
+            values[name] = trial.suggest_float(name, float(p["min"]), float(p["max"]), step=float(p.get("q", 1.0)))
+        elif kind == "log_uniform_values":
+            values[name] = trial.suggest_float(name, float(p["min"]), float(p["max"]), log=True)
+        elif kind == "log_uniform":  # W&B: min/max are natural-log exponents
+            values[name] = trial.suggest_float(name, math.exp(p["min"]), math.exp(p["max"]), log=True)
+    return values
+
+
+def _as_flags(values: dict[str, Any]) -> list[str]:
+    flags = []
+    for name, value in values.items():
+        if isinstance(value, list):
+            flags += [f"--{name}", *map(str, value)]
+        else:
+            flags.append(f"--{name}={str(value).lower() if isinstance(value, bool) else value}")
+    return flags
+
+
+class PruningCallback(TrainerCallback):
+    """Report every evaluation to Optuna and stop the training when the pruner says so."""
+
+    def __init__(self, trial, metric: str) -> None:
+        self.trial = trial
+        self.metric = metric
+        self.pruned = False
+        self.step = 0
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not metrics or self.metric not in metrics:
+            return
+        self.step += 1
+        self.trial.report(float(metrics[self.metric]), step=self.step)
+        if self.trial.should_prune():
+            self.pruned = True
+            control.should_training_stop = True
+
+
+def _sampler(sweep: Sweep, seed: int):
+    import optuna
+
+    if sweep.method == "grid":
+        space = {n: (p["values"] if p["kind"] == "categorical" else [p["value"]]) for n, p in sweep.parameters.items()}
+        return optuna.samplers.GridSampler(space, seed=seed), math.prod(len(v) for v in space.values())
+    if sweep.method == "random":
+        return optuna.samplers.RandomSampler(seed=seed), None
+    return optuna.samplers.TPESampler(seed=seed), None
+
+
+def _pruner(sweep: Sweep):
+    import optuna
+
+    if not sweep.hyperband:
+        return optuna.pruners.NopPruner()
+    hb = sweep.hyperband
+    return optuna.pruners.HyperbandPruner(
+        min_resource=int(hb.get("min_iter", 1)),
+        max_resource=hb.get("max_iter", "auto"),
+        reduction_factor=hb.get("eta", 3),
+    )
+
+
+def run_sweep(path: str | Path, trials: int, output_dir: str | Path | None = None, seed: int = 0,
+              extra_args: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Run up to `trials` trials; returns (and writes) the sweep summary with the best trial and its config."""
+    import optuna
+
+    from querytune.train import run
+
+    sweep = load_sweep(path)
+    out = Path(output_dir or f"runs/sweep-{sweep.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    fixed = [*sweep.fixed_args, *(extra_args or [])]
+    # Check the experiment and every parameter name up front: a typo must not surface at trial 7.
+    probe = {n: (p.get("values") or [p.get("value", p.get("min"))])[0] for n, p in sweep.parameters.items()}
+    load_config(sweep.experiment, [*fixed, *_as_flags(probe), "--output_dir", str(out / "probe")])
+
+    sampler, grid_size = _sampler(sweep, seed)
+    direction = "maximize" if sweep.goal == "maximize" else "minimize"
+    study = optuna.create_study(direction=direction, sampler=sampler, pruner=_pruner(sweep), study_name=sweep.name)
+    n_trials = min(trials, grid_size) if grid_size else trials
+    if grid_size and trials > grid_size:
+        logger.warning("grid has %d points; running %d trials, not %d", grid_size, grid_size, trials)
+
+    def objective(trial) -> float:
+        values = suggest(trial, sweep.parameters)
+        trial_dir = out / f"trial-{trial.number:03d}"
+        flags = [*fixed, *_as_flags(values), "--output_dir", str(trial_dir), "--overwrite_output_dir", "true",
+                 "--run_name", f"{sweep.name}-trial-{trial.number:03d}", "--wandb_group", sweep.name]  # fmt: skip
+        config = load_config(sweep.experiment, flags)
+        trial.set_user_attr("command", shlex.join(["querytune", "train", sweep.experiment, *flags]))
+        trial.set_user_attr("run_dir", str(trial_dir))
+        pruning = PruningCallback(trial, sweep.metric)
+        result = run(config, callbacks=[pruning])
+        if sweep.metric not in result.metrics:
+            raise ConfigError(f"{sweep.path}: metric {sweep.metric!r} was not produced; have {sorted(result.metrics)}")
+        if pruning.pruned:
+            raise optuna.TrialPruned()
+        return float(result.metrics[sweep.metric])
+
+    study.optimize(objective, n_trials=n_trials, catch=())
+    return write_summary(study, sweep, out)
+
+
+def write_summary(study, sweep: Sweep, out: Path) -> dict[str, Any]:
+    import optuna
+
+    rows = []
+    for t in study.trials:
+        rows.append({"trial": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+                     "intermediate": list(t.intermediate_values.values()), "run_dir": t.user_attrs.get("run_dir"),
+                     "command": t.user_attrs.get("command")})  # fmt: skip
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    summary: dict[str, Any] = {"sweep": str(sweep.path), "method": sweep.method, "metric": sweep.metric,
+                               "goal": sweep.goal, "trials": rows, "best": None}  # fmt: skip
+    if complete:
+        best = study.best_trial
+        config_path = Path(best.user_attrs["run_dir"]) / CONFIG_FILE
+        summary["best"] = {
+            "trial": best.number,
+            "value": best.value,
+            "params": best.params,
+            "run_dir": best.user_attrs["run_dir"],
+            "command": best.user_attrs["command"],
+            "config": yaml.safe_load(config_path.read_text()) if config_path.is_file() else None,
+        }
+    write_json_atomic(out / "sweep_summary.json", summary)
+    lines = [f"# Sweep {sweep.name} ({sweep.method}, {sweep.goal} {sweep.metric})", "",
+             "| trial | state | value | params |", "|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        value = f"{r['value']:.4f}" if r["value"] is not None else "–"
+        lines.append(f"| {r['trial']} | {r['state']} | {value} | `{json.dumps(r['params'])}` |")
+    if summary["best"]:
+        b = summary["best"]
+        lines += ["", f"**Best: trial {b['trial']}**, {sweep.metric} = {b['value']:.4f}, params "
+                  f"`{json.dumps(b['params'])}`; run `{b['run_dir']}`; reproduce with `{b['command']}`."]  # fmt: skip
+    (out / "sweep_summary.md").write_text("\n".join(lines) + "\n")
+    return summary
