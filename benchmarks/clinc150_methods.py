@@ -73,6 +73,11 @@ def main() -> None:
     parser.add_argument("--throughput_steps", type=int, default=30)
     parser.add_argument("--max_train_samples", type=int, default=None, help="smoke runs only")
     parser.add_argument("--force", action="store_true", help="retrain finished runs")
+    parser.add_argument(
+        "--no_epoch_eval",
+        action="store_true",
+        help="evaluate once at the end instead of every epoch (the last epoch's model is scored)",
+    )
     args = parser.parse_args()
 
     epochs = dict(CPU_EPOCHS)
@@ -82,7 +87,13 @@ def main() -> None:
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
 
-    speeds = padding_ratio(args.data, runs, args.throughput_steps) if args.throughput_steps else {}
+    saved = runs / "throughput.json"
+    if args.throughput_steps:
+        speeds = padding_ratio(args.data, runs, args.throughput_steps)
+        saved.write_text(json.dumps({**speeds, "steps": args.throughput_steps}))
+    else:  # keep the figure an earlier invocation measured
+        speeds = json.loads(saved.read_text()) if saved.is_file() else {}
+        args.throughput_steps = speeds.pop("steps", 0)
     if speeds:
         print(f"throughput: dynamic {speeds['dynamic']:.1f} samples/s, padded to 128 {speeds['pad128']:.1f}, "
               f"ratio {speeds['dynamic'] / speeds['pad128']:.2f}x", flush=True)  # fmt: skip
@@ -95,6 +106,8 @@ def main() -> None:
             overrides = ["--dataset_name", args.data, "--num_train_epochs", str(epochs[method]), *extra]
             if args.max_train_samples:
                 overrides += ["--max_train_samples", str(args.max_train_samples)]
+            if args.no_epoch_eval:
+                overrides += ["--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false"]
             exp_file = REPO / f"experiments/intent/clinc150-{experiment}.yaml"
             wall = train(exp_file, out, overrides, runs / f"{method}.log")
             print(f"{method}: {wall:.0f} s", flush=True)
