@@ -57,23 +57,24 @@ def tiny_data(tmp_path_factory) -> Path:
     return root
 
 
-def _vocab() -> list[str]:
+def _vocab(extra_words: tuple[str, ...] = ()) -> list[str]:
     words = {w for ts in INTENTS.values() for t in ts for w in t.replace("{p}", "").replace("{n}", "").split()}
-    words |= set(PRODUCTS) | {str(i) for i in range(100)}
+    words |= set(PRODUCTS) | {str(i) for i in range(100)} | set(extra_words)
     return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words), "##s", "##ing"]
 
 
 ARCHITECTURES = ("bert", "roberta", "mpnet", "deberta-v2")
 
 
-def build_tiny_checkpoint(arch: str, folder: Path, **config_overrides) -> Path:
-    """A 2-layer random encoder of `arch` with a WordPiece tokenizer, saved with save_pretrained."""
+def build_tiny_checkpoint(arch: str, folder: Path, extra_words: tuple[str, ...] = (), **config_overrides) -> Path:
+    """A 2-layer random encoder of `arch` with a WordPiece tokenizer (plus `extra_words`), saved with save_pretrained."""
     from transformers import AutoConfig, AutoModel, BertTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = _vocab()
+    vocab = _vocab(extra_words)
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    # transformers 5 takes the vocabulary as `vocab` (a path or dict) and silently ignores `vocab_file`.
+    tokenizer = BertTokenizerFast(vocab=str(folder / "vocab.txt"), do_lower_case=True)
     if arch in ("mpnet", "roberta"):
         # These models take no token_type_ids (RoBERTa's type vocabulary has one entry).
         tokenizer.model_input_names = ["input_ids", "attention_mask"]

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-TASKS = ("intent", "text_classification")
+TASKS = ("intent", "text_classification", "slots", "intent_slots")
 METHODS = ("full", "freeze", "lora", "adalora", "ia3", "prefix", "prompt", "adapter")
 
 
@@ -81,6 +81,20 @@ class DataArguments:
     text_column: str = field(default="text", metadata={"help": "Column holding the query."})
     text_pair_column: str | None = field(default=None, metadata={"help": "Optional second text (encoded as a pair)."})
     label_column: str = field(default="label", metadata={"help": "Column holding the label (ClassLabel or string)."})
+    tokens_column: str = field(
+        default="tokens", metadata={"help": "slots / intent_slots: column holding the words (list or spaced string)."}
+    )
+    tags_column: str = field(
+        default="tags", metadata={"help": "slots / intent_slots: one BIO tag per word (ClassLabel list or strings)."}
+    )
+    label_all_tokens: bool = field(
+        default=False,
+        metadata={"help": "slots: train every sub-token of a word (B-X pieces after the first get I-X), not only the "
+                  "first. Evaluation stays word-level."},
+    )  # fmt: skip
+    strict_iob2: bool = field(
+        default=False, metadata={"help": "slots: score spans with seqeval's strict IOB2 mode instead of conlleval's."}
+    )
     train_split: str = field(default="train", metadata={"help": "Name of the training split."})
     validation_split: str = field(default="validation", metadata={"help": "Name of the validation split."})
     test_split: str | None = field(default="test", metadata={"help": "Name of the test split (null: none)."})
@@ -103,6 +117,9 @@ class DataArguments:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.dataset_name is None and self.train_file is None:
             raise ValueError("set dataset_name or train_file")
+        for name in ("label_all_tokens", "strict_iob2"):
+            if getattr(self, name) and self.task not in ("slots", "intent_slots"):
+                raise ValueError(f"{name} is set but task is {self.task!r} (it is for slots / intent_slots)")
         if not 0 < self.validation_split_percentage < 100:
             raise ValueError(
                 f"validation_split_percentage must be in (0, 100), got {self.validation_split_percentage}"

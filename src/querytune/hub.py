@@ -24,6 +24,8 @@ EXCLUDED = {"training_args.bin"}
 TASK_TAGS = {
     "intent": ("text-classification", "intent-classification"),
     "text_classification": ("text-classification",),
+    "slots": ("token-classification", "slot-filling"),
+    "intent_slots": ("token-classification", "intent-classification", "slot-filling"),
 }
 # Metrics shown in the card and in model-index, with their model-index metric type and display name.
 CARD_METRICS = {
@@ -31,6 +33,10 @@ CARD_METRICS = {
     "macro_f1": ("f1", "Macro F1"),
     "in_scope_accuracy": ("accuracy", "In-scope accuracy"),
     "oos_recall": ("recall", "Out-of-scope recall"),
+    "f1": ("f1", "Slot F1 (entity-level)"),  # slots
+    "slot_f1": ("f1", "Slot F1 (entity-level)"),  # intent_slots
+    "intent_accuracy": ("accuracy", "Intent accuracy"),
+    "exact_match": ("exact_match", "Exact match (intent and all slots)"),
 }
 
 
@@ -86,7 +92,7 @@ def model_card(run_dir: str | Path, info: dict[str, Any], repo_id: str | None = 
         base_model=base,
         datasets=[dataset] if dataset else None,
         tags=["querytune", *extra_tags, info["method"]],
-        pipeline_tag="text-classification",
+        pipeline_tag=task_type,
         model_name=name,
         eval_results=eval_results or None,
     )

@@ -40,8 +40,9 @@ def start_run(config: ExperimentConfig) -> Any | None:
         return None
     import wandb
 
+    mode = None
     if not os.environ.get("WANDB_MODE") and not has_api_key():
-        os.environ["WANDB_MODE"] = "offline"
+        mode = "offline"
         print(
             "querytune: no W&B API key found: logging offline to "
             f"{os.environ.get('WANDB_DIR', '.')}/wandb (upload later with `wandb sync <that folder>/offline-run-*`)"
@@ -53,6 +54,9 @@ def start_run(config: ExperimentConfig) -> Any | None:
         group=args.wandb_group or os.environ.get("WANDB_RUN_GROUP"),
         tags=args.wandb_tags,
         config=config.to_flat_dict(),
+        mode=mode,
+        # wandb caches settings per process; pass the current folder so each run goes where the env says now
+        dir=os.environ.get("WANDB_DIR"),
         reinit="finish_previous",
     )
 

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from querytune.tasks.classification import ClassificationTask
+from querytune.tasks.slots import IntentSlotsTask, SlotsTask
 
-TASKS = {"intent": ClassificationTask, "text_classification": ClassificationTask}
+TASKS = {
+    "intent": ClassificationTask,
+    "text_classification": ClassificationTask,
+    "slots": SlotsTask,
+    "intent_slots": IntentSlotsTask,
+}
 
 
 def get_task(name: str):

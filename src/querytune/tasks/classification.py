@@ -98,6 +98,7 @@ class ClassificationTask:
 
     def write_reports(self, logits: np.ndarray, label_ids: np.ndarray, out_dir: Path, split: str) -> None:
         """Per-label precision/recall/F1 (JSON and text) and a confusion plot readable at 150 classes."""
+        logits = logits[0] if isinstance(logits, tuple) else logits  # Trainer's predictions: logits first
         preds = np.argmax(logits, axis=-1)
         ids = list(range(len(self.labels)))
         kwargs = {"labels": ids, "target_names": self.labels, "zero_division": 0, "digits": 4}

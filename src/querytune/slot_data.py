@@ -1,0 +1,201 @@
+"""Loading word + BIO tag corpora (slot tagging, joint intent + slots) from the same sources as `data.py`.
+
+Every split comes out with the columns `words` (list of str), `tags` (list of str, repaired IOB2) and `tag_ids`,
+plus `intent_labels` for the joint task. Tags may be a ClassLabel sequence, a list of strings or one
+whitespace-separated string; words a list or a whitespace-separated string.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
+
+from querytune.config import DataArguments
+from querytune.data import (
+    DataError,
+    _carve_validation,
+    _encode_labels,
+    _renamed,
+    _sample,
+    label_names,
+    load_raw,
+)
+from querytune.tagging import TagError, repair_bio, tag_vocabulary
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TaggedSplits:
+    """Normalised splits and the label maps taken from the train split."""
+
+    splits: DatasetDict
+    tags: list[str]
+    intents: list[str] | None
+
+
+def _classlabel_names(ds: Dataset, column: str) -> list[str] | None:
+    inner = getattr(ds.features[column], "feature", None)
+    return list(inner.names) if isinstance(inner, ClassLabel) else None
+
+
+def _normalise(ds: Dataset, split: str, data: DataArguments, source: str, keep: list[str]) -> Dataset:
+    """Words and repaired string tags per row; errors name the split, the row and the tag."""
+    names = _classlabel_names(ds, data.tags_column)
+
+    def as_list(value, column: str, row: int) -> list:
+        if value is None:
+            raise DataError(f"{source}: split {split!r} row {row}: column {column!r} is empty (null)")
+        return value.split() if isinstance(value, str) else list(value)
+
+    def convert(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        out: dict[str, list] = {"words": [], "tags": [], "_repaired": []}
+        for row, words, tags in zip(indices, batch[data.tokens_column], batch[data.tags_column], strict=True):
+            words = [str(w) for w in as_list(words, data.tokens_column, row)]
+            tags = as_list(tags, data.tags_column, row)
+            tags = [names[t] for t in tags] if names is not None else [str(t) for t in tags]
+            if len(words) != len(tags):
+                raise DataError(
+                    f"{source}: split {split!r} row {row} has {len(words)} words in {data.tokens_column!r} but "
+                    f"{len(tags)} tags in {data.tags_column!r}"
+                )
+            try:
+                tags, repaired = repair_bio(tags)
+            except TagError as err:
+                raise DataError(
+                    f"{source}: split {split!r} row {row} has tag {str(err)!r} in column {data.tags_column!r}, "
+                    "which is not BIO/IOB2 (expected O, B-<type> or I-<type>)"
+                ) from None
+            out["words"].append(words)
+            out["tags"].append(tags)
+            out["_repaired"].append(repaired)
+        return out
+
+    # Explicit features: otherwise `tags` would keep the input's ClassLabel type and turn the names back into ids.
+    features = Features({"words": List(Value("string")), "tags": List(Value("string")), "_repaired": Value("int64"),
+                         **{c: ds.features[c] for c in keep}})  # fmt: skip
+    ds = ds.map(convert, batched=True, with_indices=True, desc=f"checking tags {split}", features=features,
+                remove_columns=[c for c in ds.column_names if c not in keep])  # fmt: skip
+    repaired = ds["_repaired"]
+    if sum(repaired):
+        logger.warning(
+            "%s: split %r: repaired %d I- tags in %d examples that continued no entity of their type "
+            "(I-X after O or after another type is now B-X, as the lenient IOB reading already takes it)",
+            source, split, sum(repaired), sum(1 for r in repaired if r),
+        )  # fmt: skip
+    return ds.remove_columns("_repaired")
+
+
+def _encode_tags(ds: Dataset, split: str, tags: list[str], column: str, source: str) -> Dataset:
+    """Add integer `tag_ids`; a tag the train split never had (an unknown entity type) is an error."""
+    tag2id = {tag: i for i, tag in enumerate(tags)}
+    unknown = sorted({t for seq in ds["tags"] for t in seq} - set(tag2id))
+    if unknown:
+        types = sorted({t[2:] for t in tags if t != "O"})
+        raise DataError(
+            f"{source}: split {split!r} has tag(s) {unknown[:10]} in column {column!r} whose entity type does not "
+            f"occur in the train split ({len(types)} types known: {types[:20]}{' ...' if len(types) > 20 else ''})"
+        )
+    return ds.map(lambda b: {"tag_ids": [[tag2id[t] for t in seq] for seq in b["tags"]]}, batched=True,
+                  desc=f"tag ids {split}")  # fmt: skip
+
+
+def _check_columns(split: str, ds: Dataset, data: DataArguments, with_intent: bool, source: str) -> None:
+    for column in [data.tokens_column, data.tags_column] + ([data.label_column] if with_intent else []):
+        if column not in ds.column_names:
+            raise DataError(
+                f"{source}: split {split!r} has no column {column!r}; it has {ds.column_names}. "
+                "Set tokens_column / tags_column (and label_column for the intent) in the experiment file."
+            )
+
+
+def load_tagging_splits(data: DataArguments, seed: int, with_intent: bool) -> TaggedSplits:
+    """Train / validation / (test) splits of a tagging corpus, and the tag (and intent) label maps.
+
+    As in `load_classification_splits`, the label maps come from the whole train split before any subsetting, and a
+    missing validation split is carved from train (stratified by intent for the joint task).
+    """
+    raw, source = load_raw(data)
+    raw = _renamed(raw, data)
+    if data.train_split not in raw:
+        raise DataError(f"{source}: no split {data.train_split!r}; it has {list(raw)}")
+    wanted = {"train": data.train_split, "validation": data.validation_split}
+    if data.test_split:
+        wanted["test"] = data.test_split
+    keep = [data.label_column] if with_intent else []
+    splits: dict[str, Dataset] = {}
+    classlabel_names = None
+    for role, split in wanted.items():
+        if split not in raw:
+            continue
+        ds = raw[split]
+        if len(ds) == 0:
+            raise DataError(f"{source}: split {split!r} is empty")
+        _check_columns(split, ds, data, with_intent, source)
+        if role == "train":
+            classlabel_names = _classlabel_names(ds, data.tags_column)
+        splits[role] = _normalise(ds, split, data, source, keep)
+
+    try:
+        tags = tag_vocabulary(splits["train"]["tags"], classlabel_names)
+    except TagError as err:
+        raise DataError(f"{source}: ClassLabel name {str(err)!r} of column {data.tags_column!r} is not BIO") from None
+    if len(tags) < 2:
+        raise DataError(f"{source}: the train split has no entity tags in column {data.tags_column!r}")
+    intents = None
+    if with_intent:
+        intents = label_names(raw[data.train_split], data.label_column)
+        if len(intents) < 2:
+            raise DataError(f"{source}: column {data.label_column!r} has {len(intents)} distinct intent(s); need >= 2")
+    for role in list(splits):
+        ds = _encode_tags(splits[role], wanted[role], tags, data.tags_column, source)
+        if intents is not None:
+            ds = _encode_labels(ds, wanted[role], data.label_column, intents, source)
+        splits[role] = ds
+
+    if "validation" not in splits:
+        if intents is not None:
+            splits["train"], splits["validation"] = _carve_validation(
+                splits["train"], data.validation_split_percentage, seed
+            )
+        else:
+            parts = splits["train"].train_test_split(test_size=data.validation_split_percentage / 100, seed=seed)
+            splits["train"], splits["validation"] = parts["train"], parts["test"]
+        logger.info("no %r split: held out %d train rows as validation (seed %d)", data.validation_split,
+                    len(splits["validation"]), seed)  # fmt: skip
+    if data.max_train_samples:
+        splits["train"] = _sample(splits["train"], data.max_train_samples, seed)
+    if data.max_eval_samples:
+        for role in ("validation", "test"):
+            if role in splits:
+                splits[role] = _sample(splits[role], data.max_eval_samples, seed)
+    return TaggedSplits(DatasetDict({k: _finish(v, data, intents) for k, v in splits.items()}), tags, intents)
+
+
+def _finish(ds: Dataset, data: DataArguments, intents: list[str] | None) -> Dataset:
+    if intents is None:
+        return ds
+    if data.label_column != "labels":
+        ds = ds.remove_columns(data.label_column)
+    return ds.rename_column("labels", "intent_labels")
+
+
+def load_tagging_eval_split(data: DataArguments, split: str, tags: list[str], intents: list[str] | None) -> Dataset:
+    """One split of any tagging corpus, encoded with a trained run's label maps (unknown tags are an error)."""
+    raw, source = load_raw(data)
+    raw = _renamed(raw, data)
+    if split not in raw:
+        raise DataError(f"{source}: no split {split!r}; it has {list(raw)}")
+    ds = raw[split]
+    if len(ds) == 0:
+        raise DataError(f"{source}: split {split!r} is empty")
+    with_intent = intents is not None
+    _check_columns(split, ds, data, with_intent, source)
+    ds = _normalise(ds, split, data, source, [data.label_column] if with_intent else [])
+    ds = _encode_tags(ds, split, tags, data.tags_column, source)
+    if with_intent:
+        ds = _encode_labels(ds, split, data.label_column, intents, source)
+    ds = _finish(ds, data, intents)
+    return _sample(ds, data.max_eval_samples, 0) if data.max_eval_samples else ds

@@ -1,0 +1,380 @@
+"""Slot tagging of queries (token classification) and joint intent + slot parsing (JointBERT).
+
+"red nike running shoes size 10" -> color "red", brand "nike", product type "running shoes", size "10". Data are
+words with one BIO (IOB2) tag each; the model tags sub-words, and everything that is scored or returned is
+word-level: a word's tag is the prediction at its first sub-token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import peft
+import torch
+from datasets import DatasetDict
+from sklearn.metrics import classification_report, confusion_matrix
+from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification, EvalPrediction
+
+from querytune.config import ExperimentConfig
+from querytune.joint_model import AutoModelForIntentAndSlots
+from querytune.metrics import load_metric
+from querytune.slot_data import load_tagging_eval_split, load_tagging_splits
+from querytune.tagging import (
+    IGNORE_INDEX,
+    OUTSIDE,
+    align_labels,
+    b_to_i_map,
+    encode_words,
+    first_token_positions,
+    lost_words,
+    lost_words_warning,
+    spans_from_tags,
+    split_words,
+)
+from querytune.tasks.classification import most_confused_pairs
+
+logger = logging.getLogger(__name__)
+
+# methods._prompt's default soft-prompt length: prompt tuning prepends this many positions to the model's output.
+PROMPT_DEFAULT_TOKENS = 20
+
+
+def prompt_length(config: ExperimentConfig) -> int:
+    """How many virtual tokens prompt tuning puts in front of the input (0 for every other method)."""
+    if config.method.method != "prompt":
+        return 0
+    n = config.method.prompt_num_virtual_tokens
+    return PROMPT_DEFAULT_TOKENS if n is None else n
+
+
+@dataclass
+class QueryOutput:
+    """Word-level model output for one query."""
+
+    positions: list[int | None]  # first sub-token of each word; None where the word has none (truncated/empty)
+    slot_logits: np.ndarray  # [words, tags]; NaN rows for words without a sub-token
+    intent_logits: np.ndarray | None = None  # [intents], joint task only
+
+
+def _arrays(value: Any) -> list[np.ndarray]:
+    return [np.asarray(v) for v in value] if isinstance(value, (tuple, list)) else [np.asarray(value)]
+
+
+def split_outputs(
+    predictions: Any, label_ids: Any
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray | None]:
+    """Slot logits, intent logits, slot label ids and intent ids from what Trainer hands over, by rank.
+
+    Trainer returns one array or a tuple (one per model output / label name); across batches it pads the token
+    axis of both logits and labels with -100, so positions are only read where the label is not -100.
+    """
+    preds, labels = _arrays(predictions), _arrays(label_ids)
+    slot_logits = next(p for p in preds if p.ndim == 3)
+    intent_logits = next((p for p in preds if p.ndim == 2), None)
+    slot_ids = next(x for x in labels if x.ndim == 2)
+    intent_ids = next((x for x in labels if x.ndim == 1), None)
+    if slot_logits.shape[:2] != slot_ids.shape:
+        raise ValueError(f"slot logits {slot_logits.shape} do not line up with slot labels {slot_ids.shape}")
+    return slot_logits, intent_logits, slot_ids, intent_ids
+
+
+def word_tags(
+    slot_logits: np.ndarray, slot_ids: np.ndarray, tags: list[str]
+) -> tuple[list[list[str]], list[list[str]]]:
+    """Gold and predicted tags at the labelled positions (a word's first sub-token in eval splits)."""
+    preds = np.argmax(slot_logits, axis=-1)
+    gold_rows, pred_rows = [], []
+    for gold, pred in zip(slot_ids, preds, strict=True):
+        keep = gold != IGNORE_INDEX
+        gold_rows.append([tags[i] for i in gold[keep]])
+        pred_rows.append([tags[i] for i in pred[keep]])
+    return gold_rows, pred_rows
+
+
+class SlotsTask:
+    """Data, preprocessing, model class, collator, metrics and prediction for BIO slot tagging."""
+
+    model_class: Any = AutoModelForTokenClassification
+    peft_task_type = peft.TaskType.TOKEN_CLS
+    default_metric = "f1"
+    with_intent = False
+
+    def __init__(self, config: ExperimentConfig) -> None:
+        self.config = config
+        self.labels: list[str] = []  # the tag label map
+        self.intents: list[str] | None = None
+        if config.data.text_pair_column:
+            raise ValueError(f"task {config.data.task!r} takes single queries; text_pair_column must be unset")
+
+    # --- data
+    def load_data(self) -> DatasetDict:
+        tagged = load_tagging_splits(self.config.data, self.config.training.seed, with_intent=self.with_intent)
+        self.labels, self.intents = tagged.tags, tagged.intents
+        return tagged.splits
+
+    def label_info(self) -> dict[str, Any]:
+        """What is saved as label_map.json and restored by `set_label_info` when a run is loaded."""
+        info: dict[str, Any] = {"scheme": "IOB2", "labels": self.labels,
+                                "label2id": {tag: i for i, tag in enumerate(self.labels)}}  # fmt: skip
+        if self.intents is not None:
+            info |= {"intents": self.intents, "intent2id": {name: i for i, name in enumerate(self.intents)}}
+        return info
+
+    def set_label_info(self, info: dict[str, Any]) -> None:
+        self.labels = list(info["labels"])
+        self.intents = list(info["intents"]) if self.with_intent else None
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {
+            "num_labels": len(self.labels),
+            "id2label": dict(enumerate(self.labels)),
+            "label2id": {tag: i for i, tag in enumerate(self.labels)},
+        }
+
+    def _max_length(self, tokenizer) -> int:
+        max_len = self.config.model.max_seq_length
+        return min(max_len, tokenizer.model_max_length) if tokenizer.model_max_length else max_len
+
+    def tokenize(self, splits: DatasetDict, tokenizer) -> DatasetDict:
+        """Sub-word inputs with aligned labels; words cut by truncation are counted and reported, never mislabelled.
+
+        `label_all_tokens` applies to the train split only: validation and test are labelled at each word's first
+        sub-token, so their scores are word-level whatever the training option.
+        """
+        data, max_len = self.config.data, self._max_length(tokenizer)
+        padding = "max_length" if data.pad_to_max_length else False
+        b_to_i = b_to_i_map(self.labels)
+
+        def encode(batch: dict[str, list], label_all: bool) -> dict[str, list]:
+            enc, word_ids = encode_words(tokenizer, batch["words"], max_len, padding)
+            out: dict[str, list] = {**enc, "labels": [], "_lost": []}
+            for row, (ids, tag_ids, tags) in enumerate(zip(word_ids, batch["tag_ids"], batch["tags"], strict=True)):
+                out["labels"].append(align_labels(ids, tag_ids, label_all, b_to_i))
+                truncated = sum(enc["attention_mask"][row]) >= max_len
+                out["_lost"].append(lost_words(first_token_positions(ids, len(tags)), tags, truncated))
+            if self.with_intent:
+                out["intent_labels"] = batch["intent_labels"]
+            return out
+
+        encoded = {}
+        for name, ds in splits.items():
+            ds = ds.map(
+                encode,
+                batched=True,
+                fn_kwargs={"label_all": data.label_all_tokens and name == "train"},
+                remove_columns=ds.column_names,
+                num_proc=data.preprocessing_num_workers,
+                desc=f"tokenising {name}",
+            )
+            message = lost_words_warning(name, ds["_lost"], max_len)
+            if message:
+                logger.warning(message)
+            encoded[name] = ds.remove_columns("_lost")
+        return DatasetDict(encoded)
+
+    def collator(self, tokenizer):
+        mixed = self.config.training.fp16 or self.config.training.bf16
+        pad = DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=8 if mixed else None)
+        virtual = prompt_length(self.config) if not self.with_intent else 0
+        if not virtual:
+            return pad
+
+        def collate(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+            # PEFT's prompt tuning prepends virtual tokens to the token classifier's logits but passes the labels
+            # unchanged; give the virtual positions the ignore label so that logits and labels line up.
+            batch = pad(features)
+            batch["labels"] = torch.nn.functional.pad(batch["labels"], (virtual, 0), value=IGNORE_INDEX)
+            return batch
+
+        return collate
+
+    # --- metrics
+    def score(
+        self,
+        gold: list[list[str]],
+        predicted: list[list[str]],
+        intent_gold: list[int] | None = None,
+        intent_predicted: list[int] | None = None,
+        report: bool = False,
+    ) -> dict[str, Any]:
+        """The `slots` metric module on word-level tags (and intents); joint runs prefix slot metrics with slot_."""
+        result = self._slot_metric(gold, predicted, intent_gold, intent_predicted, report)
+        if not self.with_intent:
+            return result
+        joint = ("intent_accuracy", "exact_match", "report", "report_text", "confused_types")
+        return {k if k in joint else f"slot_{k}": v for k, v in result.items()}
+
+    def _slot_metric(self, gold, predicted, intent_gold=None, intent_predicted=None, report=False) -> dict[str, Any]:
+        return load_metric("slots").compute(
+            predictions=predicted,
+            references=gold,
+            mode="strict" if self.config.data.strict_iob2 else None,
+            intent_predictions=intent_predicted,
+            intent_references=intent_gold,
+            report=report,
+        )
+
+    def compute_metrics(self, prediction: EvalPrediction) -> dict[str, float]:
+        slot_logits, intent_logits, slot_ids, intent_ids = split_outputs(prediction.predictions, prediction.label_ids)
+        gold, predicted = word_tags(slot_logits, slot_ids, self.labels)
+        intent_predicted = np.argmax(intent_logits, axis=-1).tolist() if intent_logits is not None else None
+        intent_gold = intent_ids.tolist() if intent_ids is not None else None
+        return self.score(gold, predicted, intent_gold, intent_predicted)
+
+    def write_reports(self, predictions: Any, label_ids: Any, out_dir: Path, split: str) -> None:
+        slot_logits, intent_logits, slot_ids, intent_ids = split_outputs(predictions, label_ids)
+        gold, predicted = word_tags(slot_logits, slot_ids, self.labels)
+        intent_predicted = np.argmax(intent_logits, axis=-1).tolist() if intent_logits is not None else None
+        self._write_reports(gold, predicted, intent_ids, intent_predicted, out_dir, split)
+
+    def _write_reports(self, gold, predicted, intent_gold, intent_predicted, out_dir: Path, split: str) -> None:
+        """Per slot type precision/recall/F1 in `{split}_report.{json,txt}` (the classification report's layout, so
+        W&B and the Hub read it alike), span errors in `{split}_span_errors.json`, per-intent reports (joint)."""
+        with_intent = self.with_intent and intent_gold is not None and intent_predicted is not None
+        result = self._slot_metric(gold, predicted, report=True)
+        mode = "strict IOB2" if self.config.data.strict_iob2 else "seqeval default (conlleval)"
+        # seqeval's macro average over zero types is NaN (None here): report it as 0, its zero_division value
+        report = {name: {k: 0.0 if v is None else v for k, v in row.items()} for name, row in result["report"].items()}
+        (out_dir / f"{split}_report.json").write_text(json.dumps(report, indent=2))
+        keys = ("correct", "wrong_type", "wrong_boundary", "wrong_type_and_boundary", "missed", "spurious")
+        errors = {
+            "mode": mode,
+            "num_gold_spans": result["num_gold_spans"],
+            "num_predicted_spans": result["num_predicted_spans"],
+            "token_accuracy": result["token_accuracy"],
+            "span_errors": {k: result[k] for k in keys},
+            "confused_types": result["confused_types"][:25],
+        }
+        (out_dir / f"{split}_span_errors.json").write_text(json.dumps(errors, indent=2))
+        lines = [f"{k:>24}: {v}" for k, v in errors["span_errors"].items()]
+        (out_dir / f"{split}_report.txt").write_text(
+            f"{result['report_text']}\nspan errors ({mode}):\n" + "\n".join(lines)
+        )
+        if with_intent:
+            ids = list(range(len(self.intents)))
+            kwargs = {"labels": ids, "target_names": self.intents, "zero_division": 0, "digits": 4}
+            intent_gold = np.asarray(intent_gold)
+            report = classification_report(intent_gold, intent_predicted, output_dict=True, **kwargs)
+            (out_dir / f"{split}_intent_report.json").write_text(json.dumps(report, indent=2))
+            (out_dir / f"{split}_intent_report.txt").write_text(
+                classification_report(intent_gold, intent_predicted, **kwargs)
+            )
+            pairs = most_confused_pairs(confusion_matrix(intent_gold, intent_predicted, labels=ids), self.intents)
+            (out_dir / f"{split}_intent_confused_pairs.json").write_text(json.dumps(pairs, indent=2))
+
+    # --- inference on a loaded run
+    @torch.inference_mode()
+    def infer(self, run, word_lists: list[list[str]], batch_size: int = 64) -> list[QueryOutput]:
+        """Word-level logits for many queries, batched by length so that little time goes to padding."""
+        max_len = self._max_length(run.tokenizer)
+        order = sorted(range(len(word_lists)), key=lambda i: sum(len(w) + 1 for w in word_lists[i]))
+        out: list[QueryOutput | None] = [None] * len(word_lists)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            enc, word_ids = encode_words(run.tokenizer, [word_lists[i] for i in idx], max_len, padding=True)
+            inputs = {k: torch.tensor(v, device=run.device) for k, v in enc.items()}
+            output = run.model(**inputs)
+            slot_logits = output.slot_logits if self.with_intent else output.logits
+            # Prompt tuning puts its virtual tokens in front of the token classifier's output.
+            slot_logits = slot_logits[:, slot_logits.shape[1] - inputs["input_ids"].shape[1] :].float().cpu().numpy()
+            intent_logits = output.intent_logits.float().cpu().numpy() if self.with_intent else None
+            for row, i in enumerate(idx):
+                positions = first_token_positions(word_ids[row], len(word_lists[i]))
+                words = np.full((len(positions), len(self.labels)), np.nan, dtype=np.float32)
+                for w, p in enumerate(positions):
+                    if p is not None:
+                        words[w] = slot_logits[row, p]
+                out[i] = QueryOutput(positions, words, intent_logits[row] if intent_logits is not None else None)
+        return out  # type: ignore[return-value]
+
+    def logits(self, run, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64) -> np.ndarray:
+        """Word-level tag logits [queries, most words, tags] of whitespace-split queries, NaN past a query's end."""
+        outputs = self.infer(run, [split_words(t)[0] for t in texts], batch_size)
+        width = max((len(o.positions) for o in outputs), default=0)
+        stacked = np.full((len(outputs), width, len(self.labels)), np.nan, dtype=np.float32)
+        for i, o in enumerate(outputs):
+            stacked[i, : len(o.positions)] = o.slot_logits
+        return stacked
+
+    def predict(self, run, texts: list[str], top_k: int = 3, batch_size: int = 64) -> list[dict[str, Any]]:
+        """Slot spans with character offsets into each query, and for a joint run the intent.
+
+        A span's score is the mean, over its words, of the probability of the word's predicted tag (at the
+        word's first sub-token). Words are whitespace-separated, as in the training data.
+        """
+        split = [split_words(t) for t in texts]
+        outputs = self.infer(run, [words for words, _ in split], batch_size)
+        results = []
+        for text, (_, offsets), output in zip(texts, split, outputs, strict=True):
+            probs = _softmax(np.nan_to_num(output.slot_logits, nan=0.0))
+            ids = np.argmax(probs, axis=-1)
+            # A word without a sub-token (cut by truncation) cannot be part of a slot.
+            tags = [self.labels[t] if p is not None else OUTSIDE for t, p in zip(ids, output.positions, strict=True)]
+            spans = []
+            for span in spans_from_tags(tags, strict=self.config.data.strict_iob2):
+                start, end = offsets[span.start][0], offsets[span.end - 1][1]
+                score = float(np.mean([probs[w, ids[w]] for w in range(span.start, span.end)]))
+                spans.append({"text": text[start:end], "label": span.label, "start": start, "end": end,
+                              "score": round(score, 6)})  # fmt: skip
+            result: dict[str, Any] = {"query": text}
+            if output.intent_logits is not None:
+                p = _softmax(output.intent_logits)
+                top = np.argsort(p)[::-1][: max(1, top_k)]
+                result |= {"intent": self.intents[top[0]], "intent_score": round(float(p[top[0]]), 6),
+                           "top_k": [{"label": self.intents[i], "score": round(float(p[i]), 6)} for i in top]}  # fmt: skip
+            result["spans"] = spans
+            results.append(result)
+        return results
+
+    def evaluate(self, run, split: str, out_dir: Path, batch_size: int = 64) -> dict[str, Any]:
+        """Score a loaded run on one split of `self.config.data` with the run's label maps; write the reports.
+
+        Words without a sub-token (cut by truncation) are left out of the scores, as in evaluation during training.
+        """
+        ds = load_tagging_eval_split(self.config.data, split, self.labels, self.intents)
+        outputs = self.infer(run, ds["words"], batch_size)
+        gold, predicted, lost = [], [], []
+        for tags, output in zip(ds["tags"], outputs, strict=True):
+            kept = [w for w, p in enumerate(output.positions) if p is not None]
+            pred_ids = np.argmax(output.slot_logits[kept], axis=-1) if kept else []
+            gold.append([tags[w] for w in kept])
+            predicted.append([self.labels[i] for i in pred_ids])
+            lost.append(lost_words(output.positions, tags, truncated=True))
+        message = lost_words_warning(split, lost, self._max_length(run.tokenizer))
+        if message:
+            logger.warning(message)
+        intent_gold = intent_predicted = None
+        if self.with_intent:
+            intent_gold = list(ds["intent_labels"])
+            intent_predicted = [int(np.argmax(o.intent_logits)) for o in outputs]
+        metrics = self.score(gold, predicted, intent_gold, intent_predicted)
+        self._write_reports(gold, predicted, intent_gold, intent_predicted, out_dir, split)
+        return {"num_examples": len(ds), **metrics}
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class IntentSlotsTask(SlotsTask):
+    """Joint intent + slots on one encoder (JointBERT): intent head on [CLS], slot head on every token."""
+
+    model_class = AutoModelForIntentAndSlots
+    default_metric = "exact_match"
+    with_intent = True
+
+    def __init__(self, config: ExperimentConfig) -> None:
+        super().__init__(config)
+        # Both label columns must reach compute_metrics (and the eval loss); PeftModel hides them from Trainer's
+        # signature inspection, so they are named explicitly (see NOTES.md).
+        if config.training.label_names in (None, ["labels"]):
+            config.training.label_names = ["labels", "intent_labels"]
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {**super().model_kwargs(), "intent_labels": self.intents, "prompt_tokens": prompt_length(self.config)}
