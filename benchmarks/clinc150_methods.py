@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+
+from common import train  # noqa: E402
 
 from querytune.report import machine_description, markdown_table, plot_runs, run_row  # noqa: E402
 from querytune.runs import MARKER  # noqa: E402
@@ -36,18 +35,6 @@ VARIANTS = {"lora-r12": ("lora", ["--lora_r", "12", "--lora_alpha", "24"])}
 # (full 10 epochs, PEFT methods 20), which this machine cannot afford for nine methods.
 CPU_EPOCHS = {"full": 4, "freeze": 3, "lora": 6, "adalora": 5, "ia3": 5, "prefix": 3, "prompt": 3,
               "adapter-houlsby": 5, "adapter-pfeiffer": 5, "lora-r12": 6}  # fmt: skip
-
-
-def train(experiment: Path, output_dir: Path, overrides: list[str], log: Path) -> float:
-    cmd = [sys.executable, "-m", "querytune.train", str(experiment), "--output_dir", str(output_dir),
-           "--overwrite_output_dir", "true", "--disable_tqdm", "true", *overrides]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    start = time.perf_counter()
-    with log.open("w") as fh:
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{experiment.name} failed (exit {proc.returncode}); see {log}")
-    return time.perf_counter() - start
 
 
 def padding_ratio(data: str, runs: Path, steps: int) -> dict[str, float]:

@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+
+from common import train  # noqa: E402
 
 from querytune.report import machine_description  # noqa: E402
 from querytune.runs import MARKER, METRICS_FILE, dir_size_mb, model_files, read_run  # noqa: E402
@@ -41,18 +40,6 @@ CPU_EPOCHS = {"full": 3, "freeze": 2, "lora": 4, "adalora": 4, "ia3": 4, "prefix
 JOINTBERT = {"intent_accuracy": 0.986, "slot_f1": 0.970, "exact_match": 0.928, "params": "110M"}
 MINILM_PARAMS = "22.7M"
 ERRORS = ("wrong_type", "wrong_boundary", "wrong_type_and_boundary", "missed", "spurious")
-
-
-def train(experiment: Path, output_dir: Path, overrides: list[str], log: Path) -> float:
-    cmd = [sys.executable, "-m", "querytune.train", str(experiment), "--output_dir", str(output_dir),
-           "--overwrite_output_dir", "true", "--disable_tqdm", "true", *overrides]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    start = time.perf_counter()
-    with log.open("w") as fh:
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{experiment.name} failed (exit {proc.returncode}); see {log}")
-    return time.perf_counter() - start
 
 
 def row(run_dir: Path, task: str) -> dict[str, Any]:
