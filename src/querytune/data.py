@@ -164,9 +164,14 @@ def load_classification_splits(data: DataArguments, seed: int) -> tuple[DatasetD
     for role in list(splits):
         splits[role] = _encode_labels(splits[role], wanted[role], data.label_column, labels, source)
 
+    return DatasetDict(finish_splits(splits, data, seed)), labels
+
+
+def finish_splits(splits: dict[str, Dataset], data: DataArguments, seed: int, stratify: bool = True) -> dict:
+    """Carve a seeded validation split from train when there is none, then apply max_train/eval_samples."""
     if "validation" not in splits:
         splits["train"], splits["validation"] = _carve_validation(
-            splits["train"], data.validation_split_percentage, seed
+            splits["train"], data.validation_split_percentage, seed, stratify
         )
         logger.info("no %r split: held out %d train rows as validation (seed %d)", data.validation_split,
                     len(splits["validation"]), seed)  # fmt: skip
@@ -176,15 +181,17 @@ def load_classification_splits(data: DataArguments, seed: int) -> tuple[DatasetD
         for role in ("validation", "test"):
             if role in splits:
                 splits[role] = _sample(splits[role], data.max_eval_samples, seed)
-    return DatasetDict(splits), labels
+    return splits
 
 
-def _carve_validation(train: Dataset, percentage: float, seed: int) -> tuple[Dataset, Dataset]:
-    counts = train.to_pandas()["labels"].value_counts()
-    n_val = round(len(train) * percentage / 100)
-    # Stratify when every class can appear on both sides; tiny corpora fall back to a plain seeded split.
-    stratify = "labels" if counts.min() >= 2 and len(counts) <= n_val <= len(train) - len(counts) else None
-    parts = train.train_test_split(test_size=percentage / 100, seed=seed, stratify_by_column=stratify)
+def _carve_validation(train: Dataset, percentage: float, seed: int, stratify: bool = True) -> tuple[Dataset, Dataset]:
+    column = None
+    if stratify:
+        counts = train.to_pandas()["labels"].value_counts()
+        n_val = round(len(train) * percentage / 100)
+        # Stratify when every class can appear on both sides; tiny corpora fall back to a plain seeded split.
+        column = "labels" if counts.min() >= 2 and len(counts) <= n_val <= len(train) - len(counts) else None
+    parts = train.train_test_split(test_size=percentage / 100, seed=seed, stratify_by_column=column)
     return parts["train"], parts["test"]
 
 

@@ -15,10 +15,10 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 from querytune.config import DataArguments
 from querytune.data import (
     DataError,
-    _carve_validation,
     _encode_labels,
     _renamed,
     _sample,
+    finish_splits,
     label_names,
     load_raw,
 )
@@ -155,22 +155,7 @@ def load_tagging_splits(data: DataArguments, seed: int, with_intent: bool) -> Ta
             ds = _encode_labels(ds, wanted[role], data.label_column, intents, source)
         splits[role] = ds
 
-    if "validation" not in splits:
-        if intents is not None:
-            splits["train"], splits["validation"] = _carve_validation(
-                splits["train"], data.validation_split_percentage, seed
-            )
-        else:
-            parts = splits["train"].train_test_split(test_size=data.validation_split_percentage / 100, seed=seed)
-            splits["train"], splits["validation"] = parts["train"], parts["test"]
-        logger.info("no %r split: held out %d train rows as validation (seed %d)", data.validation_split,
-                    len(splits["validation"]), seed)  # fmt: skip
-    if data.max_train_samples:
-        splits["train"] = _sample(splits["train"], data.max_train_samples, seed)
-    if data.max_eval_samples:
-        for role in ("validation", "test"):
-            if role in splits:
-                splits[role] = _sample(splits[role], data.max_eval_samples, seed)
+    splits = finish_splits(splits, data, seed, stratify=intents is not None)
     return TaggedSplits(DatasetDict({k: _finish(v, data, intents) for k, v in splits.items()}), tags, intents)
 
 
