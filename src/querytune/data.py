@@ -200,15 +200,20 @@ def _sample(ds: Dataset, n: int, seed: int) -> Dataset:
     return ds if n >= len(ds) else ds.shuffle(seed=seed).select(range(n))
 
 
-def load_eval_split(data: DataArguments, split: str, labels: list[str]) -> Dataset:
-    """One split of any dataset, encoded with a trained run's label map (unknown labels are an error)."""
+def load_one_split(data: DataArguments, split: str) -> tuple[Dataset, str]:
+    """One non-empty split of any dataset (columns renamed as configured) and the source's name, for re-scoring."""
     raw, source = load_raw(data)
     raw = _renamed(raw, data)
     if split not in raw:
         raise DataError(f"{source}: no split {split!r}; it has {list(raw)}")
-    ds = raw[split]
-    if len(ds) == 0:
+    if len(raw[split]) == 0:
         raise DataError(f"{source}: split {split!r} is empty")
+    return raw[split], source
+
+
+def load_eval_split(data: DataArguments, split: str, labels: list[str]) -> Dataset:
+    """One split of any dataset, encoded with a trained run's label map (unknown labels are an error)."""
+    ds, source = load_one_split(data, split)
     columns = [data.text_column, data.label_column] + ([data.text_pair_column] if data.text_pair_column else [])
     _check_columns(split, ds, columns, source)
     ds = _encode_labels(ds, split, data.label_column, labels, source)

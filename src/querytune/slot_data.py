@@ -20,6 +20,7 @@ from querytune.data import (
     _sample,
     finish_splits,
     label_names,
+    load_one_split,
     load_raw,
 )
 from querytune.tagging import TagError, repair_bio, tag_vocabulary
@@ -169,13 +170,7 @@ def _finish(ds: Dataset, data: DataArguments, intents: list[str] | None) -> Data
 
 def load_tagging_eval_split(data: DataArguments, split: str, tags: list[str], intents: list[str] | None) -> Dataset:
     """One split of any tagging corpus, encoded with a trained run's label maps (unknown tags are an error)."""
-    raw, source = load_raw(data)
-    raw = _renamed(raw, data)
-    if split not in raw:
-        raise DataError(f"{source}: no split {split!r}; it has {list(raw)}")
-    ds = raw[split]
-    if len(ds) == 0:
-        raise DataError(f"{source}: split {split!r} is empty")
+    ds, source = load_one_split(data, split)
     with_intent = intents is not None
     _check_columns(split, ds, data, with_intent, source)
     ds = _normalise(ds, split, data, source, [data.label_column] if with_intent else [])
