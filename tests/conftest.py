@@ -47,6 +47,21 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def corpus_slice(source: Path, folder: Path, keep, per_split: dict[str, int], key: str = "intent") -> Path:
+    """The first `per_split[split]` rows of each label in `keep` (a set, or a function of all labels) as jsonl."""
+    for split, n in per_split.items():
+        rows = [json.loads(line) for line in (source / f"{split}.jsonl").read_text().splitlines()]
+        labels = keep({r[key] for r in rows}) if callable(keep) else keep
+        taken: dict[str, int] = {}
+        subset = []
+        for r in rows:
+            if r[key] in labels and taken.get(r[key], 0) < n:
+                taken[r[key]] = taken.get(r[key], 0) + 1
+                subset.append(r)
+        write_jsonl(folder / f"{split}.jsonl", subset)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A folder with train/validation/test jsonl: 4 intents, columns text and intent."""

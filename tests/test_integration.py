@@ -8,30 +8,17 @@ import pytest
 
 from querytune.cli import main
 
-from .conftest import REPO, SHARED_DATA, write_jsonl
+from .conftest import REPO, SHARED_DATA, corpus_slice
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 CLINC = SHARED_DATA / "clinc150"
 
 
-def clinc_slice(folder, intents: int, per_intent: dict[str, int]):
-    """The first `intents` intents of CLINC150 (plus oos), `per_intent[split]` rows each, as local jsonl."""
-    for split, n in per_intent.items():
-        rows = [json.loads(line) for line in (CLINC / f"{split}.jsonl").read_text().splitlines()]
-        keep = sorted({r["intent"] for r in rows if r["intent"] != "oos"})[:intents] + ["oos"]
-        taken: dict[str, int] = {}
-        subset = []
-        for r in rows:
-            if r["intent"] in keep and taken.get(r["intent"], 0) < n:
-                taken[r["intent"]] = taken.get(r["intent"], 0) + 1
-                subset.append(r)
-        write_jsonl(folder / f"{split}.jsonl", subset)
-    return folder
-
-
 @pytest.mark.skipif(not CLINC.is_dir(), reason="../shared/data/clinc150 is not present")
 def test_minilm_learns_a_clinc150_slice_and_predicts(tmp_path, capsys):
-    data = clinc_slice(tmp_path / "clinc", 20, {"train": 50, "validation": 10, "test": 30})
+    # the first 20 intents (sorted) plus oos
+    first20 = lambda labels: set(sorted(labels - {"oos"})[:20]) | {"oos"}  # noqa: E731
+    data = corpus_slice(CLINC, tmp_path / "clinc", first20, {"train": 50, "validation": 10, "test": 30})
     out = tmp_path / "run"
     args = ["train", str(REPO / "experiments/intent/clinc150-lora.yaml"), "--dataset_name", str(data),
             "--output_dir", str(out), "--num_train_epochs", "4", "--eval_strategy", "no", "--save_strategy", "no",

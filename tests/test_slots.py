@@ -465,18 +465,10 @@ SNIPS = SHARED_DATA / "snips"
 @pytest.mark.skipif(not SNIPS.is_dir(), reason="../shared/data/snips is not present")
 def test_minilm_learns_snips_slots_and_intents(tmp_path, capsys):
     """3 SNIPS intents (26 slot types in test), 100 training queries each, 6 epochs: about 45 s on 2 free cores."""
-    from .conftest import REPO
+    from .conftest import REPO, corpus_slice
 
     keep = {"RateBook", "GetWeather", "SearchCreativeWork"}
-    for split, n in {"train": 100, "validation": 20, "test": 40}.items():
-        rows = [json.loads(line) for line in (SNIPS / f"{split}.jsonl").read_text().splitlines()]
-        taken: dict[str, int] = {}
-        subset = []
-        for r in rows:
-            if r["intent"] in keep and taken.get(r["intent"], 0) < n:
-                taken[r["intent"]] = taken.get(r["intent"], 0) + 1
-                subset.append(r)
-        write_jsonl(tmp_path / "snips" / f"{split}.jsonl", subset)
+    corpus_slice(SNIPS, tmp_path / "snips", keep, {"train": 100, "validation": 20, "test": 40})
     out = tmp_path / "run"
     args = ["train", str(REPO / "experiments/slots/snips-joint-full.yaml"), "--dataset_name", str(tmp_path / "snips"),
             "--output_dir", str(out), "--num_train_epochs", "6", "--learning_rate", "3e-4",

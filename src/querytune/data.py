@@ -96,6 +96,25 @@ def _offline() -> bool:
     return bool(huggingface_hub.constants.HF_HUB_OFFLINE)
 
 
+def split_names(data: DataArguments) -> dict[str, str]:
+    """Role (train / validation / test) → the dataset's split name for it."""
+    wanted = {"train": data.train_split, "validation": data.validation_split}
+    if data.test_split:
+        wanted["test"] = data.test_split
+    return wanted
+
+
+def present_splits(raw: DatasetDict, wanted: dict[str, str], source: str) -> dict[str, Dataset]:
+    """The wanted splits that exist, by role; an empty one is an error."""
+    found = {}
+    for role, split in wanted.items():
+        if split in raw:
+            if len(raw[split]) == 0:
+                raise DataError(f"{source}: split {split!r} is empty")
+            found[role] = raw[split]
+    return found
+
+
 def label_names(train: Dataset, column: str) -> list[str]:
     """The label vocabulary: ClassLabel order when the column has one, else the sorted distinct values."""
     feature = train.features[column]
@@ -144,17 +163,10 @@ def load_classification_splits(data: DataArguments, seed: int) -> tuple[DatasetD
     if data.train_split not in raw:
         raise DataError(f"{source}: no split {data.train_split!r}; it has {list(raw)}")
     columns = [data.text_column, data.label_column] + ([data.text_pair_column] if data.text_pair_column else [])
-    wanted = {"train": data.train_split, "validation": data.validation_split}
-    if data.test_split:
-        wanted["test"] = data.test_split
+    wanted = split_names(data)
     splits: dict[str, Dataset] = {}
-    for role, split in wanted.items():
-        if split not in raw:
-            continue
-        ds = raw[split]
-        if len(ds) == 0:
-            raise DataError(f"{source}: split {split!r} is empty")
-        _check_columns(split, ds, columns, source)
+    for role, ds in present_splits(raw, wanted, source).items():
+        _check_columns(wanted[role], ds, columns, source)
         splits[role] = ds
     labels = label_names(splits["train"], data.label_column)
     if len(labels) < 2:

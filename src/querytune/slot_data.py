@@ -22,6 +22,8 @@ from querytune.data import (
     label_names,
     load_one_split,
     load_raw,
+    present_splits,
+    split_names,
 )
 from querytune.tagging import TagError, repair_bio, tag_vocabulary
 
@@ -122,18 +124,12 @@ def load_tagging_splits(data: DataArguments, seed: int, with_intent: bool) -> Ta
     raw = _renamed(raw, data)
     if data.train_split not in raw:
         raise DataError(f"{source}: no split {data.train_split!r}; it has {list(raw)}")
-    wanted = {"train": data.train_split, "validation": data.validation_split}
-    if data.test_split:
-        wanted["test"] = data.test_split
+    wanted = split_names(data)
     keep = [data.label_column] if with_intent else []
     splits: dict[str, Dataset] = {}
     classlabel_names = None
-    for role, split in wanted.items():
-        if split not in raw:
-            continue
-        ds = raw[split]
-        if len(ds) == 0:
-            raise DataError(f"{source}: split {split!r} is empty")
+    for role, ds in present_splits(raw, wanted, source).items():
+        split = wanted[role]
         _check_columns(split, ds, data, with_intent, source)
         if role == "train":
             classlabel_names = _classlabel_names(ds, data.tags_column)
