@@ -13,7 +13,7 @@ from torch import nn
 
 from querytune.config import ExperimentConfig, load_config
 from querytune.methods import MERGEABLE, PEFT_METHODS
-from querytune.models import load_pretrained, load_tokenizer
+from querytune.models import load_tokenizer
 from querytune.runs import CONFIG_FILE, LABEL_MAP, read_run
 from querytune.tasks import get_task
 
@@ -53,21 +53,14 @@ class LoadedRun:
         self.model.eval()
 
     def _load_model(self, merge: bool) -> nn.Module:
-        model_cfg = self.config.model
         if self.method not in PEFT_METHODS:
-            model, _ = load_pretrained(self.task.model_class, str(self.run_dir))
+            model, _ = self.task.load_model(str(self.run_dir))
             return model
         import peft
 
         import querytune.peft_adapter  # noqa: F401  (registers the bottleneck adapter type with PEFT)
 
-        base, _ = load_pretrained(
-            self.task.model_class,
-            model_cfg.model_name_or_path,
-            model_cfg.model_revision,
-            model_cfg.trust_remote_code,
-            **self.task.model_kwargs(),
-        )
+        base, _ = self.task.load_model()
         model = peft.PeftModel.from_pretrained(base, str(self.run_dir))
         if merge and self.method in MERGEABLE:
             model = merge_peft_model(model)

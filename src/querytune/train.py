@@ -32,7 +32,7 @@ from querytune import __version__, tracking
 from querytune.config import ExperimentConfig, load_config
 from querytune.hub import push_run
 from querytune.methods import PEFT_METHODS, MethodContext, apply_method, method_callbacks
-from querytune.models import count_parameters, load_pretrained, load_tokenizer, resolve_model_path
+from querytune.models import count_parameters, load_tokenizer, resolve_model_path
 from querytune.runs import (
     CONFIG_FILE,
     LABEL_MAP,
@@ -152,13 +152,7 @@ def run(config: ExperimentConfig, callbacks: list[TrainerCallback] | None = None
     logger.info("splits: %s; %d labels", {k: len(v) for k, v in encoded.items()}, len(task.labels))
 
     # --- model and method
-    model, new_modules = load_pretrained(
-        task.model_class,
-        config.model.model_name_or_path,
-        config.model.model_revision,
-        config.model.trust_remote_code,
-        **task.model_kwargs(),
-    )
+    model, new_modules = task.load_model()
     # These models return a per-process mean loss although their forward takes **kwargs; without this Trainer
     # rescales the loss by world size and accumulation steps (see NOTES.md).
     model.accepts_loss_kwargs = False
@@ -192,7 +186,7 @@ def run(config: ExperimentConfig, callbacks: list[TrainerCallback] | None = None
     push, hub_token = args.push_to_hub, args.hub_token
     args.push_to_hub, args.hub_token = False, None
     wandb_run = tracking.start_run(config)
-    trainer = Trainer(
+    trainer = task.trainer_class(
         model=model,
         args=args,
         train_dataset=encoded["train"],
@@ -201,6 +195,7 @@ def run(config: ExperimentConfig, callbacks: list[TrainerCallback] | None = None
         data_collator=task.collator(tokenizer),
         compute_metrics=task.compute_metrics,
         callbacks=callbacks,
+        **task.trainer_kwargs(tokenizer),
     )
 
     # --- train
@@ -221,11 +216,7 @@ def run(config: ExperimentConfig, callbacks: list[TrainerCallback] | None = None
     for role in ("validation", "test"):
         if role not in encoded:
             continue
-        prefix = "eval" if role == "validation" else "test"
-        result = trainer.predict(encoded[role], metric_key_prefix=prefix)
-        metrics.update(result.metrics)
-        if trainer.is_world_process_zero():
-            task.write_reports(result.predictions, result.label_ids, out, role)  # every head's outputs (joint task)
+        metrics.update(task.evaluate_trained(trainer, encoded[role], role, out))
 
     # --- save (main process only), card, marker last
     trainer.save_model(args.output_dir)

@@ -14,24 +14,20 @@ from datasets import DatasetDict
 from sklearn.metrics import classification_report, confusion_matrix
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, EvalPrediction
 
-from querytune.config import ExperimentConfig
 from querytune.data import load_classification_splits, load_eval_split
 from querytune.metrics import load_metric
+from querytune.tasks.base import Task
 
 logger = logging.getLogger(__name__)
 
 
-class ClassificationTask:
+class ClassificationTask(Task):
     """Data, preprocessing, model class, collator and metrics for single-label classification."""
 
     model_class = AutoModelForSequenceClassification
     peft_task_type = peft.TaskType.SEQ_CLS
     # The metric that decides the best checkpoint when the experiment does not say.
     default_metric = "accuracy"
-
-    def __init__(self, config: ExperimentConfig) -> None:
-        self.config = config
-        self.labels: list[str] = []
 
     # --- data
     def load_data(self) -> DatasetDict:

@@ -36,6 +36,7 @@ from querytune.tagging import (
     spans_from_tags,
     split_words,
 )
+from querytune.tasks.base import Task
 from querytune.tasks.classification import most_confused_pairs
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def word_tags(
     return gold_rows, pred_rows
 
 
-class SlotsTask:
+class SlotsTask(Task):
     """Data, preprocessing, model class, collator, metrics and prediction for BIO slot tagging."""
 
     model_class: Any = AutoModelForTokenClassification
@@ -105,8 +106,7 @@ class SlotsTask:
     with_intent = False
 
     def __init__(self, config: ExperimentConfig) -> None:
-        self.config = config
-        self.labels: list[str] = []  # the tag label map
+        super().__init__(config)  # self.labels: the tag label map
         self.intents: list[str] | None = None
         if config.data.text_pair_column:
             raise ValueError(f"task {config.data.task!r} takes single queries; text_pair_column must be unset")
