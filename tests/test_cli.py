@@ -111,6 +111,25 @@ def test_report_compares_runs_and_skips_unfinished(finished_run, tmp_path, capsy
     captured = capsys.readouterr()
     assert f"skipping {half}" in captured.err
     table = out.read_text()
-    assert "| run | method |" in table and "| lora |" in table and "trainable %" in table
+    assert "| run | task | method | accuracy % |" in table and "| intent | lora |" in table and "trainable %" in table
     assert png.stat().st_size > 10_000
     assert main(["report", str(half)]) == 2
+
+
+def test_report_columns_follow_the_tasks_compared():
+    from querytune.report import markdown_table
+
+    cost = {"trainable_percent": 1.0, "model_size_mb": 1.0, "train_runtime_s": 1.0, "train_samples_per_second": 1.0,
+            "peak_memory_mb": 1.0, "epochs": 1.0}  # fmt: skip
+    intent = {"run": "a", "task": "intent", "method": "lora", **cost,
+              "metrics": {"accuracy": 0.9, "in_scope_accuracy": 0.95, "oos_recall": 0.5, "macro_f1": 0.9}}  # fmt: skip
+    joint = {"run": "b", "task": "intent_slots", "method": "full", **cost,
+             "metrics": {"intent_accuracy": 0.97, "slot_f1": 0.91, "exact_match": 0.8}}  # fmt: skip
+    head = markdown_table([intent, joint]).splitlines()[0]
+    # accuracy is shadowed by in-scope accuracy; each task brings its own columns, a missing one shows "–"
+    assert head.startswith(
+        "| run | task | method | in-scope acc % | OOS recall % | macro-F1 % | intent acc % | slot F1 %"
+    )
+    assert "accuracy % |" not in head.replace("in-scope acc %", "")
+    assert "| b | intent_slots | full | – | – | – | 97.00 | 91.00 | 80.00 |" in markdown_table([intent, joint])
+    assert "in-scope" not in markdown_table([joint])

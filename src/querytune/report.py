@@ -10,24 +10,37 @@ from typing import Any
 
 from querytune.runs import METRICS_FILE, dir_size_mb, model_files, read_run
 
+# The task metrics a report can show: (metric name without the split prefix, column header, scale). A column
+# appears when any compared run has that metric, so intent, slot, joint (and later tasks') runs share one table.
+METRIC_COLUMNS: list[tuple[str, str, float]] = [
+    ("in_scope_accuracy", "in-scope acc %", 100.0),
+    ("oos_recall", "OOS recall %", 100.0),
+    ("accuracy", "accuracy %", 100.0),
+    ("macro_f1", "macro-F1 %", 100.0),
+    ("intent_accuracy", "intent acc %", 100.0),
+    ("f1", "slot F1 %", 100.0),
+    ("slot_f1", "slot F1 %", 100.0),
+    ("exact_match", "exact match %", 100.0),
+]
+# Where a run has the more specific metric, the general one is left out (in-scope accuracy beats accuracy).
+_SHADOWED = {"accuracy": "in_scope_accuracy"}
+
 
 def run_row(run_dir: str | Path, metric_prefix: str = "test") -> dict[str, Any]:
     """The comparison row of one finished run (raises RunError for an unfinished one)."""
     run = Path(run_dir)
     info = read_run(run)
     metrics = json.loads((run / METRICS_FILE).read_text())
-
-    def m(name: str) -> float | None:
+    task_metrics = {}
+    for name, _, _ in METRIC_COLUMNS:
         value = metrics.get(f"{metric_prefix}_{name}")
-        return float(value) if value is not None else None
-
+        if isinstance(value, int | float):
+            task_metrics[name] = float(value)
     return {
         "run": info.get("run_name", run.name),
+        "task": info.get("task"),
         "method": info["method"],
-        "accuracy": m("accuracy"),
-        "in_scope_accuracy": m("in_scope_accuracy"),
-        "oos_recall": m("oos_recall"),
-        "macro_f1": m("macro_f1"),
+        "metrics": task_metrics,
         "trainable_percent": info["trainable_percent"],
         "trainable_params": info["trainable_params"],
         "model_size_mb": dir_size_mb(model_files(run)),
@@ -40,6 +53,12 @@ def run_row(run_dir: str | Path, metric_prefix: str = "test") -> dict[str, Any]:
     }
 
 
+def metric_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, float]]:
+    """The metric columns that some row has, in METRIC_COLUMNS order."""
+    present = {name for r in rows for name in r["metrics"]}
+    return [c for c in METRIC_COLUMNS if c[0] in present and _SHADOWED.get(c[0]) not in present]
+
+
 def _fmt(value: Any, digits: int = 1, scale: float = 1.0) -> str:
     if value is None:
         return "–"
@@ -47,21 +66,15 @@ def _fmt(value: Any, digits: int = 1, scale: float = 1.0) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """Rows as a Markdown table; accuracy-like metrics in percent."""
-    has_oos = any(r.get("oos_recall") is not None for r in rows)
-    head = ["run", "method"]
-    head += ["in-scope acc %", "OOS recall %"] if has_oos else ["accuracy %"]
-    head += ["macro-F1 %", "trainable %", "model MB", "train s", "train samples/s", "peak MB", "epochs"]
+    """Rows as a Markdown table: the task metrics the runs have (in percent), then what each run cost."""
+    columns = metric_columns(rows)
+    head = ["run", "task", "method", *(header for _, header, _ in columns)]
+    head += ["trainable %", "model MB", "train s", "train samples/s", "peak MB", "epochs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["run"], r["method"]]
-        cells += (
-            [_fmt(r["in_scope_accuracy"], 2, 100), _fmt(r["oos_recall"], 1, 100)]
-            if has_oos
-            else [_fmt(r["accuracy"], 2, 100)]
-        )
+        cells = [r["run"], r["task"] or "–", r["method"]]
+        cells += [_fmt(r["metrics"].get(name), 2, scale) for name, _, scale in columns]
         cells += [
-            _fmt(r["macro_f1"], 2, 100),
             _fmt(r["trainable_percent"], 3),
             _fmt(r["model_size_mb"], 2),
             _fmt(r["train_runtime_s"], 0),
@@ -103,6 +116,12 @@ def machine_description() -> str:
     )
 
 
+def _lookup(row: dict[str, Any], key: str) -> float | None:
+    if key.startswith("metrics."):
+        return row["metrics"].get(key.removeprefix("metrics."))
+    return row.get(key)
+
+
 def plot_runs(rows: list[dict[str, Any]], path: str | Path, title: str = "querytune runs") -> None:
     """Bar charts side by side: the task metric, trainable %, model MB, train time, samples/s and peak memory."""
     import matplotlib
@@ -110,9 +129,9 @@ def plot_runs(rows: list[dict[str, Any]], path: str | Path, title: str = "queryt
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = "in_scope_accuracy" if any(r.get("in_scope_accuracy") is not None for r in rows) else "accuracy"
+    metric_panels = [(f"metrics.{name}", header, scale) for name, header, scale in metric_columns(rows)]
     panels = [
-        (metric, f"{metric.replace('_', ' ')} %", 100.0),
+        *metric_panels[:2],  # the two leading task metrics (e.g. in-scope accuracy and OOS recall)
         ("trainable_percent", "trainable %", 1.0),
         ("model_size_mb", "model / adapter MB", 1.0),
         ("train_runtime_s", "train time s", 1.0),
@@ -122,7 +141,7 @@ def plot_runs(rows: list[dict[str, Any]], path: str | Path, title: str = "queryt
     names = [r["run"] for r in rows]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 0.45 * len(rows) + 2), sharey=True)
     for ax, (key, label, scale) in zip(axes, panels, strict=True):
-        values = [(r.get(key) or 0.0) * scale for r in rows]
+        values = [(_lookup(r, key) or 0.0) * scale for r in rows]
         ax.barh(range(len(rows)), values, color="tab:blue")
         ax.set_yticks(range(len(rows)), names)
         ax.set_title(label, fontsize=10)
