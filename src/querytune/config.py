@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
-TASKS = ("intent", "text_classification", "slots", "intent_slots")
+TASKS = ("intent", "text_classification", "slots", "intent_slots", "rerank", "retrieval", "rewrite")
 METHODS = ("full", "freeze", "lora", "adalora", "ia3", "prefix", "prompt", "adapter")
 
 
@@ -111,6 +111,129 @@ class DataArguments:
         metadata={"help": "Pad every query to max_seq_length like the HF example scripts (slow; for benchmarks)."},
     )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
+    # --- ranking (task: rerank, retrieval)
+    document_id_column: str | None = field(
+        default=None,
+        metadata={"help": "rerank / retrieval: column identifying a document (product_uid); default: its text."},
+    )
+    relevance_threshold: float = field(
+        default=2.5,
+        metadata={"help": "rerank / retrieval: a label >= this is relevant (binary objective, MRR, MAP, recall)."},
+    )
+    relevance_gain_offset: float = field(
+        default=1.0, metadata={"help": "rerank / retrieval: nDCG gain is label minus this (Home Depot 1-3: 1)."}
+    )
+    rerank_objective: str = field(
+        default="regression",
+        metadata={"help": "rerank: 'regression' (MSE on the label, 1 output) or 'binary' (BCE on label >= "
+                  "relevance_threshold)."},
+    )  # fmt: skip
+    rerank_first_stage: str = field(
+        default="bm25",
+        metadata={"help": "rerank evaluation: 'bm25' reranks the BM25 top retrieval_top_k over the whole catalogue; "
+                  "'judged' reranks only the judged documents of each query (barely discriminates)."},
+    )  # fmt: skip
+    retrieval_top_k: int = field(
+        default=100, metadata={"help": "rerank / retrieval: documents retrieved per query from the catalogue."}
+    )
+    retrieval_hard_negatives: bool = field(
+        default=True,
+        metadata={"help": "retrieval: add one judged non-relevant document of the same query per training pair."},
+    )
+    retrieval_temperature: float = field(
+        default=0.05, metadata={"help": "retrieval: softmax temperature of the in-batch contrastive loss."}
+    )
+    csv_encoding: str | None = field(
+        default=None,
+        metadata={"help": "rerank / retrieval: text encoding of local csv/tsv files (Home Depot's are latin-1)."},
+    )
+    catalogue_file: str | None = field(
+        default=None,
+        metadata={"help": "rerank / retrieval: the document collection searched at evaluation (csv/jsonl/parquet "
+                  "with the document text and id columns); default: every document of the dataset."},
+    )  # fmt: skip
+    catalogue_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "retrieval: where catalogue embeddings are cached by model weights and catalogue "
+                  "(default ~/.cache/querytune/catalogue)."},
+    )  # fmt: skip
+    ranking_split_seed: int = field(
+        default=0,
+        metadata={"help": "rerank / retrieval: salt of the by-query hash split used when the dataset has no "
+                  "validation / test split (see querytune.ranking_data)."},
+    )  # fmt: skip
+    ranking_test_percentage: float = field(
+        default=10.0,
+        metadata={"help": "rerank / retrieval: % of queries held out as test when there is no test split."},
+    )
+    max_train_queries: int | None = field(
+        default=None, metadata={"help": "rerank / retrieval: keep a seeded sample of N train queries."}
+    )
+    max_eval_queries: int | None = field(
+        default=None, metadata={"help": "rerank / retrieval: keep a seeded sample of N validation and N test queries."}
+    )
+
+    # --- rewriting (task: rewrite)
+    rewrite_format: str = field(
+        default="auto",
+        metadata={"help": "rewrite: 'auto' (detect from the files), 'trec_cast', 'canard', 'mimics' or 'columns' "
+                  "(any dataset with rewrite_query_column / rewrite_context_column / rewrite_target_column)."},
+    )  # fmt: skip
+    rewrite_query_column: str = field(default="query", metadata={"help": "rewrite: column holding the query."})
+    rewrite_context_column: str | None = field(
+        default="context", metadata={"help": "rewrite: optional column with the earlier turns (a list, oldest first)."}
+    )
+    rewrite_target_column: str = field(
+        default="target", metadata={"help": "rewrite: column holding the rewrite(s) (a string or a list)."}
+    )
+    rewrite_group_column: str | None = field(
+        default=None,
+        metadata={"help": "rewrite: rows sharing this value (a conversation id) stay in one split; default: the query."},
+    )  # fmt: skip
+    rewrite_test_percentage: float = field(
+        default=20.0, metadata={"help": "rewrite: % of groups held out as test when the corpus has no test split."}
+    )
+    rewrite_multi_target: str = field(
+        default="split",
+        metadata={"help": "rewrite: several targets per query become one example each ('split') or one target "
+                  "joined by rewrite_target_separator ('join')."},
+    )  # fmt: skip
+    rewrite_target_separator: str = field(default="; ", metadata={"help": "rewrite: joins targets with 'join'."})
+    rewrite_max_target_length: int = field(default=64, metadata={"help": "rewrite: target tokens kept in training."})
+    rewrite_max_context_turns: int | None = field(
+        default=None, metadata={"help": "rewrite: keep at most the N latest context turns (then fit by tokens)."}
+    )
+    rewrite_prompt_template: str = field(
+        default="{context}Query: {query}\nRewrite:",
+        metadata={"help": "rewrite: the model input; {context} becomes 'Context: t1 | t2\\n' (or nothing), {query} "
+                  "the query. Context is cut oldest turn first to fit max_seq_length, never the query."},
+    )  # fmt: skip
+    mimics_min_option_label: int = field(
+        default=1, metadata={"help": "rewrite, MIMICS: drop options whose option_label_i is below (0 bad, 1 fair)."}
+    )
+    mimics_min_overall_label: int = field(
+        default=1, metadata={"help": "rewrite, MIMICS: drop panes whose options_overall_label is below this."}
+    )
+    rewrite_generation: str = field(
+        default="greedy", metadata={"help": "rewrite: decoding, 'greedy', 'beam' or 'sample'."}
+    )
+    rewrite_num_candidates: int = field(
+        default=1, metadata={"help": "rewrite: candidates returned per query (k of recall@k; predict's top_k)."}
+    )
+    rewrite_num_beams: int | None = field(
+        default=None, metadata={"help": "rewrite, beam: beams (default max(4, candidates + 1))."}
+    )
+    rewrite_max_new_tokens: int = field(default=32, metadata={"help": "rewrite: generated tokens per candidate."})
+    rewrite_temperature: float = field(default=1.0, metadata={"help": "rewrite, sample: softmax temperature."})
+    rewrite_top_p: float = field(default=1.0, metadata={"help": "rewrite, sample: nucleus probability mass."})
+    rewrite_drop_copies: bool = field(
+        default=True, metadata={"help": "rewrite: drop candidates that only repeat the input query."}
+    )
+    rewrite_warm_start_decoder: str | None = field(
+        default=None,
+        metadata={"help": "rewrite: build an EncoderDecoderModel warm start (BERT2BERT): model_name_or_path is the "
+                  "encoder, this the decoder, e.g. all-MiniLM-L6-v2 for both."},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -131,6 +254,55 @@ class DataArguments:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
+        # --- ranking (task: rerank, retrieval)
+        if self.rerank_objective not in ("regression", "binary"):
+            raise ValueError(f"rerank_objective must be 'regression' or 'binary', got {self.rerank_objective!r}")
+        if self.rerank_first_stage not in ("bm25", "judged"):
+            raise ValueError(f"rerank_first_stage must be 'bm25' or 'judged', got {self.rerank_first_stage!r}")
+        for name in ("retrieval_top_k", "max_train_queries", "max_eval_queries"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if self.retrieval_temperature <= 0:
+            raise ValueError(f"retrieval_temperature must be positive, got {self.retrieval_temperature}")
+        if (
+            not 0 < self.ranking_test_percentage < 100
+            or self.ranking_test_percentage + self.validation_split_percentage >= 100
+        ):
+            raise ValueError(
+                f"ranking_test_percentage ({self.ranking_test_percentage}) must be in (0, 100) and leave train "
+                f"queries beside validation_split_percentage ({self.validation_split_percentage})"
+            )
+        if self.task in ("rerank", "retrieval") and not self.text_pair_column:
+            raise ValueError(f"task {self.task!r} needs text_pair_column (the document text, e.g. product_title)")
+        if self.task in ("rerank", "retrieval") and (self.max_train_samples or self.max_eval_samples):
+            raise ValueError(f"task {self.task!r} samples whole queries: use max_train_queries / max_eval_queries, "
+                             "not max_train_samples / max_eval_samples")  # fmt: skip
+        # --- rewriting (task: rewrite)
+        choices = {
+            "rewrite_format": ("auto", "columns", "trec_cast", "canard", "mimics"),
+            "rewrite_multi_target": ("split", "join"),
+            "rewrite_generation": ("greedy", "beam", "sample"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("rewrite_max_target_length", "rewrite_num_candidates", "rewrite_max_new_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.rewrite_generation == "greedy" and self.rewrite_num_candidates > 1:
+            raise ValueError(
+                "rewrite_num_candidates > 1 needs rewrite_generation 'beam' or 'sample' (greedy gives one)"
+            )
+        if self.rewrite_num_beams is not None and self.rewrite_num_beams < self.rewrite_num_candidates:
+            raise ValueError(f"rewrite_num_beams ({self.rewrite_num_beams}) must be >= rewrite_num_candidates "
+                             f"({self.rewrite_num_candidates})")  # fmt: skip
+        if "{query}" not in self.rewrite_prompt_template:
+            raise ValueError("rewrite_prompt_template must contain {query}")
+        if not 0 <= self.rewrite_test_percentage < 100:
+            raise ValueError(f"rewrite_test_percentage must be in [0, 100), got {self.rewrite_test_percentage}")
+        if self.rewrite_temperature <= 0 or not 0 < self.rewrite_top_p <= 1:
+            raise ValueError("rewrite_temperature must be > 0 and rewrite_top_p in (0, 1]")
 
 
 # Which method owns each field prefix. A prefixed field set for another method is a mistake, e.g. `lora_r`
@@ -216,7 +388,8 @@ class MethodArguments:
 
 
 @dataclass
-class QueryTrainingArguments(TrainingArguments):
+# Seq2Seq: the same as TrainingArguments plus predict_with_generate / generation_* (task: rewrite).
+class QueryTrainingArguments(Seq2SeqTrainingArguments):
     """🤗 `TrainingArguments` with defaults suited to query corpora (every other field is as in transformers)."""
 
     output_dir: str | None = field(default=None, metadata={"help": "Run directory (default runs/<experiment>)."})

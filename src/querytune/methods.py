@@ -38,6 +38,9 @@ class MethodContext:
 # Target modules for architectures missing from PEFT's own default maps (MPNet names its projections q/k/v/o).
 EXTRA_LORA_TARGETS = {"mpnet": ["q", "k", "v", "o"]}
 EXTRA_IA3_TARGETS = {"mpnet": (["k", "v", "output.dense"], ["output.dense"])}
+# BERT2BERT EncoderDecoderModel warm starts (task: rewrite): PEFT has no map for model_type "encoder-decoder".
+EXTRA_LORA_TARGETS["encoder-decoder"] = ["query", "value"]
+EXTRA_IA3_TARGETS["encoder-decoder"] = (["key", "value", "output.dense"], ["output.dense"])
 
 
 def _or(value, default):

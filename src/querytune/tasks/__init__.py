@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from querytune.tasks.classification import ClassificationTask
+from querytune.tasks.ranking import RerankTask, RetrievalTask
+from querytune.tasks.rewrite import RewriteTask
 from querytune.tasks.slots import IntentSlotsTask, SlotsTask
 
 TASKS = {
@@ -10,6 +12,9 @@ TASKS = {
     "text_classification": ClassificationTask,
     "slots": SlotsTask,
     "intent_slots": IntentSlotsTask,
+    "rerank": RerankTask,
+    "retrieval": RetrievalTask,
+    "rewrite": RewriteTask,
 }
 
 
