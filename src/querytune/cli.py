@@ -3,7 +3,11 @@
 querytune train EXPERIMENT.yaml [--key value ...]
 querytune predict RUN_DIR "where is my package" "cheap running shoes size 10"
 querytune predict RUN_DIR --file queries.txt      # or: cat queries.txt | querytune predict RUN_DIR
+querytune predict RERANK_RUN "angle bracket" --candidates "Simpson 12-Gauge Angle" "Deck Coating"  # or --candidates_file
+querytune predict RETRIEVAL_RUN "angle bracket" --top_k 10 [--catalogue titles.csv]
 querytune eval RUN_DIR --dataset_name PATH_OR_HUB_ID [--split test] [--label_column intent]
+querytune export RUN_DIR --format merged|onnx [--quantize int8]
+querytune serve RUN_OR_EXPORT_DIR... [--host 127.0.0.1 --port 8000]
 """
 
 from __future__ import annotations
@@ -51,11 +55,34 @@ def _read_queries(args: argparse.Namespace) -> list[str]:
 def cmd_predict(args: argparse.Namespace) -> int:
     from querytune.inference import LoadedRun
 
+    candidates = _read_candidates(args)
     queries = _read_queries(args)
     loaded = LoadedRun(args.run_dir, merge=not args.no_merge)
-    for result in loaded.predict(queries, top_k=args.top_k, batch_size=args.batch_size):
+    if loaded.config.data.task in ("rerank", "retrieval"):
+        # rerank: the candidates ranked (all unless --top_k); retrieval: the top 10 of the catalogue by default.
+        top_k = args.top_k if args.top_k is not None else (0 if loaded.config.data.task == "rerank" else 10)
+        results = loaded.task.predict(loaded, queries, top_k=top_k, batch_size=args.batch_size,
+                                      candidates=candidates, catalogue=args.catalogue)  # fmt: skip
+    elif candidates or args.catalogue:
+        raise ValueError("--candidates / --candidates_file / --catalogue are for rerank and retrieval runs")
+    else:
+        results = loaded.predict(queries, top_k=3 if args.top_k is None else args.top_k, batch_size=args.batch_size)
+    for result in results:
         print(json.dumps(result, ensure_ascii=False))
     return 0
+
+
+def _read_candidates(args: argparse.Namespace) -> list[str] | None:
+    """Candidate documents for a rerank run: --candidates, and/or --candidates_file (one per line; '-' is stdin)."""
+    candidates = list(args.candidates or [])
+    if args.candidates_file == "-":
+        candidates += [line.strip() for line in sys.stdin if line.strip()]
+    elif args.candidates_file:
+        path = Path(args.candidates_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"candidates file not found: {path}")
+        candidates += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return candidates or None
 
 
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -128,6 +155,29 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a finished run (merged PyTorch, or ONNX fp32/int8), verified against the PyTorch run."""
+    from querytune.export import export_run
+
+    info = export_run(args.run_dir, fmt=args.format, quantize=args.quantize, output_dir=args.output_dir,
+                      overwrite=args.overwrite, verify_samples=args.verify_samples, verify_file=args.verify_file,
+                      opset=args.opset, exporter=args.exporter)  # fmt: skip
+    print(f"{info['merge_note']}; exported to {info['export_dir']}", file=sys.stderr)
+    print(json.dumps({"export_dir": info["export_dir"], **info["verification"]}, indent=2))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve runs and exports over HTTP until SIGINT/SIGTERM."""
+    from querytune.serve import ServeSettings, serve
+
+    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                             max_queries_per_request=args.max_queries, max_query_chars=args.max_query_chars,
+                             max_pending=args.max_pending)  # fmt: skip
+    serve(args.runs, host=args.host, port=args.port, settings=settings, threads=args.threads)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="querytune", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -143,9 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("run_dir")
     predict.add_argument("queries", nargs="*", help="queries (or use --file / stdin)")
     predict.add_argument("--file", help="a text file with one query per line")
-    predict.add_argument("--top_k", "--top-k", type=int, default=3)
+    predict.add_argument(
+        "--top_k",
+        "--top-k",
+        type=int,
+        default=None,
+        help="labels per query (default 3); rerank: candidates shown (default all); retrieval: hits (10)",
+    )
     predict.add_argument("--batch_size", "--batch-size", type=int, default=64)
     predict.add_argument("--no_merge", "--no-merge", action="store_true", help="keep the adapter unmerged")
+    predict.add_argument("--candidates", nargs="+", help="rerank: the documents to rank for the query")
+    predict.add_argument("--candidates_file", "--candidates-file", help="rerank: one document per line ('-': stdin)")
+    predict.add_argument("--catalogue", help="retrieval: a catalogue file to search (default: the run's dataset)")
 
     ev = sub.add_parser("eval", help="re-score a finished run on a dataset split (data keys as flags)")
     ev.add_argument("run_dir")
@@ -170,6 +229,28 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--repo-id", "--repo_id", dest="repo_id", required=True, help="ORG/NAME on the Hub")
     push.add_argument("--private", action="store_true")
     push.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the stored login)")
+
+    export = sub.add_parser("export", help="export a run for serving (merged / ONNX, int8), verified against it")
+    export.add_argument("run_dir")
+    export.add_argument("--format", choices=["merged", "onnx"], default="merged")
+    export.add_argument("--quantize", choices=["int8"], default=None, help="ONNX only: dynamic int8 weights")
+    export.add_argument("--output_dir", "--output-dir", default=None, help="default RUN_DIR/exports/FORMAT[-int8]")
+    export.add_argument("--overwrite", action="store_true", help="replace a finished export")
+    export.add_argument("--verify_samples", "--verify-samples", type=int, default=256)
+    export.add_argument("--verify_file", "--verify-file", help="verify on these queries (one per line)")
+    export.add_argument("--opset", type=int, default=18)
+    export.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo")
+
+    srv = sub.add_parser("serve", help="HTTP JSON API over runs and exports (POST /predict, /metrics)")
+    srv.add_argument("runs", nargs="+", help="run or export directories, optionally NAME=DIR")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--max_batch", "--max-batch", type=int, default=64, help="queries per model call")
+    srv.add_argument("--max_wait_ms", "--max-wait-ms", type=float, default=5.0, help="micro-batching window")
+    srv.add_argument("--max_queries", "--max-queries", type=int, default=64, help="queries per request")
+    srv.add_argument("--max_query_chars", "--max-query-chars", type=int, default=512)
+    srv.add_argument("--max_pending", "--max-pending", type=int, default=256, help="beyond this: 503")
+    srv.add_argument("--threads", type=int, default=None, help="torch / ONNX Runtime threads per model")
     return parser
 
 
@@ -189,10 +270,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_guarded(train_main, rest)
     args, overrides = parser.parse_known_args(argv)
-    if args.command in ("predict", "push", "report"):
+    if args.command in ("predict", "push", "report", "export", "serve"):
         if overrides:
             parser.error(f"unknown arguments: {' '.join(overrides)}")
-        return run_guarded({"predict": cmd_predict, "push": cmd_push, "report": cmd_report}[args.command], args)
+        commands = {"predict": cmd_predict, "push": cmd_push, "report": cmd_report, "export": cmd_export,
+                    "serve": cmd_serve}  # fmt: skip
+        return run_guarded(commands[args.command], args)
     if args.command == "sweep":
         return run_guarded(cmd_sweep, args, overrides)
     return run_guarded(cmd_eval, args, overrides)

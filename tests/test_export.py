@@ -1,0 +1,231 @@
+"""`querytune export` on tiny runs: merged and ONNX (fp32, int8) exports of intent, slot, joint and text-pair runs,
+verified against the PyTorch run; the marker that tells a finished export from a half-written one; the error paths."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import numpy as np
+import pytest
+
+from querytune import export as export_module
+from querytune.cli import main
+from querytune.export import (
+    EXPORT_MARKER,
+    ONNX_FILE,
+    VERIFY_FILE,
+    ExportedRun,
+    ExportError,
+    export_run,
+    load_for_serving,
+    read_export,
+)
+from querytune.inference import LoadedRun
+
+from .conftest import tiny_experiment, write_jsonl
+from .test_ranking import ranking_bert, ranking_data  # noqa: F401  (fixtures: the tiny ranking corpus and model)
+from .test_slots import SLOT_WORDS, make_slot_rows
+
+TEXTS = ["where is my order 5", "cheap shoes", "return my lamp", "store near 12", "best laptop under 40 dollars"]
+
+
+def _train(tmp, model_dir, data_dir, **overrides):
+    exp = tiny_experiment(tmp, model_dir, data_dir, **overrides)
+    assert main(["train", str(exp)]) == 0
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_bert, tiny_data):
+    return _train(tmp_path_factory.mktemp("export_lora"), tiny_bert, tiny_data, method="lora", max_steps=4)
+
+
+def _same_predictions(a: list[dict], b: list[dict], tol: float = 1e-4) -> None:
+    for x, y in zip(a, b, strict=True):
+        assert x["query"] == y["query"]
+        if "label" in x:
+            assert x["label"] == y["label"] and x["score"] == pytest.approx(y["score"], abs=tol)
+        if "intent" in x:
+            assert x["intent"] == y["intent"] and x["intent_score"] == pytest.approx(y["intent_score"], abs=tol)
+        if "spans" in x:
+            assert [(s["label"], s["start"], s["end"]) for s in x["spans"]] == [
+                (s["label"], s["start"], s["end"]) for s in y["spans"]
+            ]
+
+
+def test_merged_export_is_self_describing_and_matches_the_run(lora_run, tmp_path, capsys):
+    out = tmp_path / "merged"
+    assert main(["export", str(lora_run), "--format", "merged", "--output_dir", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["export_dir"] == str(out) and printed["num_queries"] == 16  # the tiny test split
+    names = {p.name for p in out.iterdir()}
+    for expected in ("model.safetensors", "config.json", "tokenizer.json", "label_map.json", "querytune_config.yaml",
+                     VERIFY_FILE, EXPORT_MARKER):  # fmt: skip
+        assert expected in names, expected
+    assert "adapter_model.safetensors" not in names and ".querytune_export_partial" not in names
+    info = read_export(out)
+    assert info["format"] == "merged" and info["merged"] is True and info["method"] == "lora"
+    check = json.loads((out / VERIFY_FILE).read_text())["outputs"]["logits"]
+    assert check["top1_agreement"] == 1.0 and check["max_abs_logit_diff"] < 1e-4 and check["compared"] == 16
+    reference = LoadedRun(lora_run, merge=False)
+    _same_predictions(ExportedRun(out).predict(TEXTS), reference.predict(TEXTS))
+
+
+def test_onnx_fp32_and_int8_exports(lora_run, tmp_path):
+    reference = LoadedRun(lora_run, merge=False)
+    fp32 = export_run(lora_run, fmt="onnx", output_dir=tmp_path / "onnx")
+    assert fp32["inputs"] == ["input_ids", "token_type_ids", "attention_mask"] or set(fp32["inputs"]) == {
+        "input_ids",
+        "token_type_ids",
+        "attention_mask",
+    }
+    assert fp32["outputs"] == ["logits"]
+    check = fp32["verification"]["outputs"]["logits"]
+    assert check["top1_agreement"] == 1.0 and check["max_abs_logit_diff"] < 1e-4
+    exported = ExportedRun(tmp_path / "onnx")
+    # batch 1 and a longer batch than the export's sample: the axes are dynamic
+    for batch in (["track package 7"], TEXTS * 7):
+        np.testing.assert_allclose(exported.logits(batch), reference.logits(batch), atol=1e-4)
+    _same_predictions(exported.predict(TEXTS, top_k=2), reference.predict(TEXTS, top_k=2))
+
+    int8 = export_run(lora_run, fmt="onnx", quantize="int8", output_dir=tmp_path / "onnx-int8")
+    assert int8["quantize"] == "int8" and (tmp_path / "onnx-int8" / ONNX_FILE).is_file()
+    assert not (tmp_path / "onnx-int8" / "model_fp32.onnx").exists()
+    check = int8["verification"]["outputs"]["logits"]
+    assert 0 <= check["top1_agreement"] <= 1 and check["max_abs_logit_diff"] > 0  # int8 really changed the weights
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "onnx-int8" / ONNX_FILE)).graph.node}
+    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    q = ExportedRun(tmp_path / "onnx-int8").predict(TEXTS)
+    assert [r["query"] for r in q] == TEXTS and all(0 <= r["score"] <= 1 for r in q)
+
+
+@pytest.mark.parametrize("task", ["slots", "intent_slots"])
+def test_slot_runs_export_to_onnx(task, tmp_path, tmp_path_factory):
+    from .conftest import build_tiny_checkpoint
+
+    data = tmp_path / "data"
+    write_jsonl(data / "train.jsonl", make_slot_rows(24, 0))
+    write_jsonl(data / "validation.jsonl", make_slot_rows(6, 1))
+    write_jsonl(data / "test.jsonl", make_slot_rows(6, 2))
+    model = build_tiny_checkpoint("bert", tmp_path / "bert", extra_words=SLOT_WORDS)
+    run = _train(tmp_path, model, data, task=task, method="lora", max_steps=3)
+    info = export_run(run, fmt="onnx", output_dir=tmp_path / "onnx")
+    expected = ["intent_logits", "slot_logits"] if task == "intent_slots" else ["logits"]
+    assert info["outputs"] == expected
+    outputs = info["verification"]["outputs"]
+    assert set(outputs) == ({"slot_logits", "intent_logits"} if task == "intent_slots" else {"slot_logits"})
+    for check in outputs.values():
+        assert check["top1_agreement"] == 1.0 and check["max_abs_logit_diff"] < 1e-4 and check["compared"] > 0
+    queries = ["red nike walking shoes size 10", "track my rain jacket order", "wool socks"]
+    _same_predictions(ExportedRun(tmp_path / "onnx").predict(queries), LoadedRun(run, merge=False).predict(queries))
+
+
+def test_text_pairs_and_models_without_token_type_ids(tmp_path, tiny_models):
+    """A cross-encoder-like run (query, product) exports its pair inputs; MPNet exports no token_type_ids."""
+    rng = random.Random(0)
+    rows = []
+    for _ in range(48):
+        product = rng.choice(["shoes", "jacket", "laptop", "lamp"])
+        match = rng.random() < 0.5
+        other = product if match else rng.choice(["sofa", "tent", "kettle"])
+        rows.append({"text": f"cheap {product}", "text2": f"red {other}", "label": "match" if match else "other"})
+    data = tmp_path / "pairs"
+    write_jsonl(data / "train.jsonl", rows[:32])
+    write_jsonl(data / "validation.jsonl", rows[32:40])
+    write_jsonl(data / "test.jsonl", rows[40:])
+    for arch in ("bert", "mpnet"):
+        (tmp_path / arch).mkdir()
+        run = _train(tmp_path / arch, tiny_models[arch], data, method="full", text_pair_column="text2",
+                     label_column="label", max_steps=2)  # fmt: skip
+        info = export_run(run, fmt="onnx", output_dir=tmp_path / arch / "onnx")
+        assert ("token_type_ids" in info["inputs"]) == (arch == "bert"), info["inputs"]
+        check = info["verification"]["outputs"]["logits"]
+        assert info["verification"]["num_queries"] == 8 and check["top1_agreement"] == 1.0
+        assert check["max_abs_logit_diff"] < 1e-4
+        exported, reference = ExportedRun(tmp_path / arch / "onnx"), LoadedRun(run)
+        pairs = ["red shoes", "red tent"]
+        np.testing.assert_allclose(exported.logits(["cheap shoes"] * 2, pairs), reference.logits(["cheap shoes"] * 2,
+                                   pairs), atol=1e-4)  # fmt: skip
+
+
+def test_unmergeable_method_is_exported_unmerged_with_a_reason(tmp_path, tiny_bert, tiny_data):
+    run = _train(tmp_path, tiny_bert, tiny_data, method="prompt", max_steps=2, prompt_num_virtual_tokens=4)
+    info = export_run(run, fmt="merged", output_dir=tmp_path / "merged")
+    assert info["merged"] is False and "cannot be merged" in info["merge_note"]
+    assert (tmp_path / "merged" / "adapter_model.safetensors").is_file()
+    assert info["verification"]["outputs"]["logits"]["top1_agreement"] == 1.0
+    _same_predictions(ExportedRun(tmp_path / "merged").predict(TEXTS), LoadedRun(run).predict(TEXTS))
+    onnx_info = export_run(run, fmt="onnx", output_dir=tmp_path / "onnx")
+    assert onnx_info["merged"] is False and onnx_info["verification"]["outputs"]["logits"]["top1_agreement"] == 1.0
+
+
+def test_a_half_written_export_never_looks_finished(lora_run, tmp_path, monkeypatch):
+    out = tmp_path / "onnx"
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed during verification")
+
+    monkeypatch.setattr(export_module, "compare_outputs", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        export_run(lora_run, fmt="onnx", output_dir=out)
+    assert (out / ONNX_FILE).is_file() and not (out / EXPORT_MARKER).exists()
+    with pytest.raises(ExportError, match="not a finished querytune export"):
+        ExportedRun(out)
+    assert isinstance(load_for_serving(lora_run), LoadedRun)  # a run dir still loads as a run
+    monkeypatch.undo()
+    export_run(lora_run, fmt="onnx", output_dir=out)  # the partial directory is replaced without --overwrite
+    assert isinstance(load_for_serving(out), ExportedRun)
+
+
+def test_export_errors_exit_2_and_name_the_problem(lora_run, tmp_path, capsys):
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(lora_run, unfinished)
+    (unfinished / "querytune_run.json").unlink()
+    assert main(["export", str(unfinished), "--output_dir", str(tmp_path / "x")]) == 2
+    assert "not a finished querytune run" in capsys.readouterr().err
+    assert main(["export", str(lora_run), "--format", "merged", "--quantize", "int8"]) == 2
+    assert "--quantize int8 applies to --format onnx" in capsys.readouterr().err
+    out = tmp_path / "merged"
+    assert main(["export", str(lora_run), "--output_dir", str(out)]) == 0
+    assert main(["export", str(lora_run), "--output_dir", str(out)]) == 2
+    assert "already holds a finished export; pass --overwrite" in capsys.readouterr().err
+    assert main(["export", str(lora_run), "--output_dir", str(out), "--overwrite"]) == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert main(["export", str(lora_run), "--output_dir", str(other)]) == 2
+    assert "not a querytune export" in capsys.readouterr().err and (other / "notes.txt").exists()
+    assert main(["export", str(lora_run), "--output_dir", str(tmp_path / "y"), "--verify_file", "nope.txt"]) == 2
+    assert "verify file not found" in capsys.readouterr().err
+    assert main(["export", str(lora_run), "--output_dir", str(lora_run)]) == 2
+    assert "is a run directory" in capsys.readouterr().err
+
+
+def test_rerank_cross_encoder_exports_its_pairs(tmp_path, ranking_bert, ranking_data):  # noqa: F811
+    """A rerank run (one score per (query, document) pair) exports and verifies on its held-out pairs."""
+    from querytune.tasks.ranking import score_pairs
+
+    from .test_ranking import ranking_experiment
+
+    exp = ranking_experiment(tmp_path, ranking_bert, ranking_data, "rerank", method="lora", max_steps=3)
+    assert main(["train", str(exp)]) == 0
+    run = tmp_path / "run"
+    info = export_run(run, fmt="onnx", output_dir=tmp_path / "onnx")
+    assert "token_type_ids" in info["inputs"] and info["outputs"] == ["logits"]
+    check = info["verification"]["outputs"]["logits"]
+    assert check["compared_unit"] == "best document per query" and check["compared"] > 0
+    assert check["top1_agreement"] == 1.0 and check["max_abs_logit_diff"] < 1e-4
+    exported, reference = ExportedRun(tmp_path / "onnx"), LoadedRun(run, merge=False)
+    pairs = (["red shoes", "red shoes", "blue tent"], ["red shoes set", "blue lamp", "blue tent pack"])
+    np.testing.assert_allclose(score_pairs(exported.model, exported.tokenizer, *pairs, max_length=32),
+                               score_pairs(reference.model, reference.tokenizer, *pairs, max_length=32), atol=1e-4)  # fmt: skip
+    candidates = ["blue tent pack", "red shoes set", "red lamp"]
+    got = exported.task.predict(exported, ["red shoes"], top_k=0, candidates=candidates)
+    want = reference.task.predict(reference, ["red shoes"], top_k=0, candidates=candidates)
+    assert [h["text"] for h in got[0]["ranked"]] == [h["text"] for h in want[0]["ranked"]]
+    assert main(["export", str(run), "--format", "onnx", "--output_dir", str(tmp_path / "x"), "--verify_file",
+                 str(exp)]) == 2  # fmt: skip
