@@ -93,6 +93,8 @@ def write_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
         f"BERT-base ({JOINTBERT['params']}), about 5x larger.",
         "",
     ]
+    if args.note:
+        lines += [args.note, ""]
     if args.max_train_samples or args.max_eval_samples:
         lines += [f"**Smoke run** (max_train_samples {args.max_train_samples}, max_eval_samples "
                   f"{args.max_eval_samples}): these figures say nothing about the method.", ""]  # fmt: skip
@@ -136,6 +138,8 @@ def main() -> None:
     parser.add_argument("--max_train_samples", type=int, default=None, help="smoke runs only")
     parser.add_argument("--max_eval_samples", type=int, default=None, help="smoke runs only")
     parser.add_argument("--force", action="store_true", help="retrain finished runs")
+    parser.add_argument("--report_only", action="store_true", help="tabulate the finished runs; train nothing")
+    parser.add_argument("--note", default=None, help="a sentence added under the table header (e.g. CPU sharing)")
     args = parser.parse_args()
 
     epochs = dict(CPU_EPOCHS)
@@ -151,6 +155,8 @@ def main() -> None:
     rows = []
     for task, method in plan:
         out = runs / f"{task}-{method}"
+        if args.report_only and not (out / MARKER).is_file():
+            continue
         if args.force or not (out / MARKER).is_file():
             overrides = ["--dataset_name", args.data, "--num_train_epochs", str(epochs[method])]
             for key in ("max_train_samples", "max_eval_samples"):
