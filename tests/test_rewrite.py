@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, tiny_experiment
 
 WORDS = ("what is throat cancer lung flu it its treatable symptoms are the of how does spread to can tell me about "
          "caesars atlantic city events parking jobs hotel tickets cheap red shoes size kids query rewrite context "
@@ -86,29 +85,10 @@ def conv_data(tmp_path_factory) -> Path:
 
 
 def rewrite_experiment(tmp_path: Path, model_dir: Path, data: Path, **overrides) -> Path:
-    values = {
-        "task": "rewrite",
-        "model_name_or_path": str(model_dir),
-        "max_seq_length": 48,
-        "dataset_name": str(data),
-        "rewrite_group_column": "conv",
-        "rewrite_max_new_tokens": 6,
-        "output_dir": str(tmp_path / "run"),
-        "max_steps": 2,
-        "per_device_train_batch_size": 4,
-        "per_device_eval_batch_size": 8,
-        "learning_rate": 0.01,
-        "eval_strategy": "no",
-        "save_strategy": "no",
-        "report_to": "none",
-        "disable_tqdm": True,
-        "use_cpu": True,
-        "seed": 0,
-        **overrides,
-    }
-    path = tmp_path / "experiment.yaml"
-    path.write_text(yaml.safe_dump(values))
-    return path
+    """conftest's tiny 2-step experiment, as a rewrite task over `data`."""
+    values = {"task": "rewrite", "max_seq_length": 48, "rewrite_group_column": "conv", "rewrite_max_new_tokens": 6,
+              "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8, **overrides}  # fmt: skip
+    return tiny_experiment(tmp_path, model_dir, data, **values)
 
 
 def load(path: Path, *overrides: str):
