@@ -321,9 +321,10 @@ class RerankTask(_RankingTask):
         return runs, judged
 
     def _bm25(self, catalogue: dict[str, str]) -> BM25Index:
-        key = id(catalogue)
-        if getattr(self, "_bm25_key", None) != key:
-            self._bm25_index, self._bm25_key = BM25Index(list(catalogue), list(catalogue.values())), key
+        """The BM25 index of `catalogue`, built once per catalogue object (the object is kept, so an id is never
+        reused for another catalogue)."""
+        if getattr(self, "_bm25_catalogue", None) is not catalogue:
+            self._bm25_index, self._bm25_catalogue = BM25Index(list(catalogue), list(catalogue.values())), catalogue
         return self._bm25_index
 
     def catalogue_metrics(self, model, tokenizer, split: Dataset, out_dir: Path, role: str,
@@ -331,8 +332,7 @@ class RerankTask(_RankingTask):
         runs, judged = self.rerank_split(model, tokenizer, split, batch_size)
         write_rankings(out_dir / f"{role}_rankings.jsonl", runs, first_query_texts(split), self._catalogue(), judged)
         k = self.config.data.retrieval_top_k
-        metrics = ranking_metrics(runs, judged, self.config.data, recall_k=tuple(sorted({10, k})))
-        return {f"{metric}": v for metric, v in metrics.items()}
+        return ranking_metrics(runs, judged, self.config.data, recall_k=tuple(sorted({10, k})))
 
     def evaluate_trained(self, trainer: Trainer, dataset, role: str, out_dir: Path) -> dict[str, float]:
         prefix = "eval" if role == "validation" else "test"

@@ -181,15 +181,18 @@ class RewriteTask(Task):
         for role in splits:
             rows = self.rows.get(role) or [_unflat(r) for r in splits[role]]
             encoded, dropped, cut = [], 0, 0
+            prompts: dict[tuple, tuple[str, int]] = {}  # the targets of one row share its prompt: fit it once
             for pair in training_pairs(rows, data.rewrite_multi_target, data.rewrite_target_separator):
-                prompt, n = self.prompt(pair, tokenizer)
-                dropped += n
-                cut += n > 0
-                encoded.append(self.encode_pair(prompt, pair["target"], tokenizer))
+                key = (pair["query"], tuple(pair["context"]))
+                if key not in prompts:
+                    prompts[key] = self.prompt(pair, tokenizer)
+                    dropped += prompts[key][1]
+                    cut += prompts[key][1] > 0
+                encoded.append(self.encode_pair(prompts[key][0], pair["target"], tokenizer))
             if not encoded:
                 raise DataError(f"split {role!r} has no row with a target")
             if cut:
-                logger.warning("%s: context cut to fit max_seq_length in %d examples (%d oldest turns dropped; the "
+                logger.warning("%s: context cut to fit max_seq_length for %d queries (%d oldest turns dropped; the "
                                "queries are whole)", role, cut, dropped)  # fmt: skip
             out[role] = Dataset.from_list(encoded)
         return DatasetDict(out)
