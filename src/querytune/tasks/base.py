@@ -7,6 +7,7 @@ module plus a registry entry in `querytune.tasks`; it never edits the runner.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,13 @@ from transformers import EvalPrediction, PreTrainedModel, Trainer
 
 from querytune.config import ExperimentConfig
 from querytune.models import load_pretrained
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """Item indices in batches of similar length, shortest first, so that inference spends little on padding."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
 
 
 class Task(ABC):

@@ -16,7 +16,7 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 
 from querytune.data import load_classification_splits, load_eval_split
 from querytune.metrics import load_metric
-from querytune.tasks.base import Task
+from querytune.tasks.base import Task, length_batches
 
 logger = logging.getLogger(__name__)
 
@@ -111,10 +111,8 @@ class ClassificationTask(Task):
     def logits(self, run, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64) -> np.ndarray:
         """Logits for many queries; batches are formed by length so little time goes to padding."""
         max_len = self.config.model.max_seq_length
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out: list[np.ndarray | None] = [None] * len(texts)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+        for idx in length_batches([len(t) for t in texts], batch_size):
             enc = run.tokenizer(
                 [texts[i] for i in idx],
                 [pairs[i] for i in idx] if pairs else None,

@@ -41,7 +41,7 @@ from querytune.bm25 import BM25Index
 from querytune.data import DataError
 from querytune.metrics import load_metric
 from querytune.ranking_data import RankingData, first_query_texts, load_ranking_data, qrels, read_catalogue
-from querytune.tasks.base import Task
+from querytune.tasks.base import Task, length_batches
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +95,8 @@ def embed_texts(model, tokenizer, texts: list[str], max_length: int, batch_size:
     """Unit-length mean-pooled embeddings; batches are formed by length so little time goes to padding."""
     model.eval()
     device = next(model.parameters()).device
-    order = np.argsort([len(t) for t in texts], kind="stable")
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    for idx in length_batches([len(t) for t in texts], batch_size):
         enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_length, padding=True,
                         return_tensors="pt").to(device)  # fmt: skip
         out[idx] = embed_batch(model, enc["input_ids"], enc["attention_mask"]).float().cpu().numpy()
@@ -111,10 +109,8 @@ def score_pairs(model, tokenizer, queries: list[str], documents: list[str], max_
     """The cross-encoder's score for each (query, document) pair."""
     model.eval()
     device = next(model.parameters()).device
-    order = np.argsort([len(q) + len(d) for q, d in zip(queries, documents, strict=True)], kind="stable")
     out = np.zeros(len(queries), dtype=np.float32)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    for idx in length_batches([len(q) + len(d) for q, d in zip(queries, documents, strict=True)], batch_size):
         enc = encode_pairs(tokenizer, [queries[i] for i in idx], [documents[i] for i in idx], max_length)
         batch = tokenizer.pad(dict(enc), return_tensors="pt").to(device)
         out[idx] = model(**batch).logits.float().reshape(-1).cpu().numpy()

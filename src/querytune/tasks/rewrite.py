@@ -48,7 +48,7 @@ from querytune.rewrite_data import (
     sample_rows,
     training_pairs,
 )
-from querytune.tasks.base import Task
+from querytune.tasks.base import Task, length_batches
 
 logger = logging.getLogger(__name__)
 
@@ -306,10 +306,8 @@ class RewriteTask(Task):
         torch.manual_seed(self.config.training.seed)
         out: list[list[str]] = []
         try:
-            order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
             results: dict[int, list[str]] = {}
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
+            for idx in length_batches([len(p) for p in prompts], batch_size):
                 enc = tokenizer([prompts[i] for i in idx], padding=True, truncation=True,
                                 max_length=self.source_budget(), return_tensors="pt")  # fmt: skip
                 gen = model.generate(

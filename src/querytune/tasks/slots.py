@@ -36,7 +36,7 @@ from querytune.tagging import (
     spans_from_tags,
     split_words,
 )
-from querytune.tasks.base import Task
+from querytune.tasks.base import Task, length_batches
 from querytune.tasks.classification import most_confused_pairs
 
 logger = logging.getLogger(__name__)
@@ -272,10 +272,8 @@ class SlotsTask(Task):
     def infer(self, run, word_lists: list[list[str]], batch_size: int = 64) -> list[QueryOutput]:
         """Word-level logits for many queries, batched by length so that little time goes to padding."""
         max_len = self._max_length(run.tokenizer)
-        order = sorted(range(len(word_lists)), key=lambda i: sum(len(w) + 1 for w in word_lists[i]))
         out: list[QueryOutput | None] = [None] * len(word_lists)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+        for idx in length_batches([sum(len(w) + 1 for w in words) for words in word_lists], batch_size):
             enc, word_ids = encode_words(run.tokenizer, [word_lists[i] for i in idx], max_len, padding=True)
             inputs = {k: torch.tensor(v, device=run.device) for k, v in enc.items()}
             output = run.model(**inputs)
