@@ -3,12 +3,14 @@
 
     python benchmarks/homedepot_relevance.py                                   # CPU budget, offline data
     python benchmarks/homedepot_relevance.py --rerank full lora ia3 --retrieval full lora --train_queries 1500
+    python benchmarks/homedepot_relevance.py --rerank full:regression:0 full:listwise:8 full  # objective ablation
 
 Two catalogues, on the same test queries. The cross-encoders rerank the BM25 top 100 of the **whole** catalogue
-(all 54,667 products of the file), next to BM25 on it. The bi-encoders (and the zero-shot one) search a seeded
-sample of `--retrieval_catalogue` products that holds every judged product of the test queries plus random other
-products, next to BM25 on that same sample: on the shared 2-core CPU, encoding the whole catalogue once per model
-took too long (`--retrieval_catalogue 0` searches the whole catalogue). Fine-tuned rows
+(all 54,667 products of the file), next to BM25 on it. The bi-encoders (and the zero-shot one) search the whole
+catalogue too, or with `--retrieval_catalogue N` a seeded sample of N products that holds every judged product of
+the test queries plus random others, next to BM25 on that same sample. A `--rerank` entry is a method, or
+`method:objective:negatives` to override the experiment file's `rerank_objective` and `rerank_negatives`. Fine-tuned
+rows
 run their experiment file `experiments/relevance/homedepot-<task>-<method>.yaml` through `querytune.train` in a
 subprocess, pointed at ../shared/data/homedepot and the subsample by override: the benchmark never copies an
 experiment. Finished runs and baseline results are reused unless --force, so an interrupted benchmark resumes;
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -112,11 +115,25 @@ def baselines(args: argparse.Namespace, data, config, catalogue: dict[str, str])
     return [*rows, mean_row]
 
 
-def fine_tuned(args: argparse.Namespace, task: str, method: str, catalogue_file: str | None, size: int) -> dict:
-    out = Path(args.runs) / f"{task}-{method}"
+def variant(entry: str) -> tuple[str, list[str], str]:
+    """`method` or `method:objective:negatives` → (method, overrides, run name)."""
+    method, *rest = entry.split(":")
+    if not rest:
+        return method, [], method
+    objective, negatives = rest[0], rest[1] if len(rest) > 1 else "0"
+    return (
+        method,
+        ["--rerank_objective", objective, "--rerank_negatives", negatives],
+        f"{method}-{objective}-n{negatives}",
+    )
+
+
+def fine_tuned(args: argparse.Namespace, task: str, entry: str, catalogue_file: str | None, size: int) -> dict:
+    method, extra, name = variant(entry)
+    out = Path(args.runs) / f"{task}-{name}"
     if args.force or not (out / MARKER).is_file():
         exp = REPO / f"experiments/relevance/homedepot-{task}-{method}.yaml"
-        overrides = shared_overrides(args) + [
+        overrides = shared_overrides(args) + extra + [
             "--num_train_epochs", str(args.epochs), "--learning_rate", str(CPU_LR[(task, method)]),
             "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false",
             "--logging_steps", "20", "--report_to", "none",
@@ -125,13 +142,19 @@ def fine_tuned(args: argparse.Namespace, task: str, method: str, catalogue_file:
             overrides += ["--catalogue_file", catalogue_file]
         if method == "adalora":  # the budget schedule needs room between warm-up and the final phase
             overrides += ["--adalora_tinit", "0.1", "--adalora_tfinal", "0.2"]
-        wall = train(exp, out, overrides, Path(args.runs) / f"{task}-{method}.log")
+        wall = train(exp, out, overrides, Path(args.runs) / f"{task}-{name}.log")
         (out / "bench_wall.json").write_text(json.dumps({"wall_s": wall}))
     info = read_run(out)
+    config = load_config(out / "querytune_config.yaml")
+    data = config.data
+    objective = "contrastive: in-batch + 1 judged hard negative"
+    if task == "rerank":
+        negatives = f"{data.rerank_negatives} negatives/query ({data.rerank_negative_source})"
+        objective = f"{data.rerank_objective}, {negatives if data.rerank_negatives else 'judged pairs only'}"
     metrics = json.loads((out / "all_results.json").read_text())
     wall = json.loads((out / "bench_wall.json").read_text())["wall_s"] if (out / "bench_wall.json").is_file() else None
-    name = "cross-encoder, reranks BM25 top 100" if task == "rerank" else "bi-encoder (cosine)"
-    return {"system": f"MiniLM-L6 {name}", "task": task, "method": method,
+    system = "cross-encoder, reranks BM25 top 100" if task == "rerank" else "bi-encoder (cosine)"
+    return {"system": f"MiniLM-L6 {system}", "task": task, "method": method, "objective": objective,
             **{m: metrics.get(f"test_{m}") for m in [*METRICS, "rmse", "num_queries", "num_queries_no_relevant"]},
             "trainable_percent": info["trainable_percent"], "wall_s": wall,
             "train_samples_per_second": info["train_samples_per_second"],
@@ -143,14 +166,14 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def write_table(args: argparse.Namespace, rows: list[dict], sizes: dict) -> None:
-    head = ["system", "method", "catalogue", "nDCG@10", "nDCG@5", "MRR@10", "MAP@100", "R@10", "R@100", "RMSE", "trainable %",
+    head = ["system", "method", "objective", "catalogue", "nDCG@10", "nDCG@5", "MRR@10", "MAP@100", "R@10", "R@100", "RMSE", "trainable %",
             "wall s", "train samples/s"]  # fmt: skip
     lines = [
         "# Home Depot query–product relevance (all-MiniLM-L6-v2)",
         "",
         f"Measured by `python benchmarks/homedepot_relevance.py {' '.join(sys.argv[1:])}` on: "
-        f"{machine_description()}; the 2 cores were shared with other jobs, so wall times and throughput are "
-        "noisy (compare within this table only).",
+        f"{machine_description()}; 1-minute load average {args.load[0]:.1f} at the start and "
+        f"{os.getloadavg()[0]:.1f} at the end (2 cores: above 2, other jobs shared them and times are pessimistic).",
         "",
         "**What was subsampled.** " + sizes["text"],
         "",
@@ -161,7 +184,9 @@ def write_table(args: argparse.Namespace, rows: list[dict], sizes: dict) -> None
         "such product are left out of them "
         f"({sizes.get('no_relevant', '?')} of {args.test_queries} test queries). The judgements were pooled "
         "from a lexical engine, so unjudged hits of a semantic model may well be relevant: the pool favours BM25. "
-        "Cross-encoders rerank the BM25 top 100, so their R@100 is BM25's. RMSE is on the judged test pairs "
+        "Cross-encoders rerank the BM25 top 100, so their R@100 is BM25's. Their objective column gives the loss "
+        "and the unjudged catalogue products sampled per train query as irrelevant (label 1): half from the "
+        "query's BM25 top 100, half at random (`mixed`). RMSE is on the judged test pairs "
         "(regression objective only). Wall time covers training plus the end-of-training evaluation (validation "
         "pairs, and the test catalogue search or rerank); train samples/s counts optimizer steps only.",
         "",
@@ -170,7 +195,7 @@ def write_table(args: argparse.Namespace, rows: list[dict], sizes: dict) -> None
     ]
     for r in rows:
         size = r.get("catalogue")
-        cells = [r["system"], r["method"], f"{size:,}" if isinstance(size, int) else "–", *[_fmt(r.get(m)) for m in METRICS], _fmt(r.get("rmse"), 4),
+        cells = [r["system"], r["method"], r.get("objective", "–"), f"{size:,}" if isinstance(size, int) else "–", *[_fmt(r.get(m)) for m in METRICS], _fmt(r.get("rmse"), 4),
                  _fmt(r.get("trainable_percent"), 2), _fmt(r.get("wall_s"), 0),
                  _fmt(r.get("train_samples_per_second"), 1)]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
@@ -182,7 +207,9 @@ def write_table(args: argparse.Namespace, rows: list[dict], sizes: dict) -> None
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(REPO.parent / "shared/data/homedepot"))
-    parser.add_argument("--rerank", nargs="*", default=["full", "lora"], choices=RERANK)
+    parser.add_argument(
+        "--rerank", nargs="*", default=["full", "lora"], help=f"methods {RERANK}, or method:objective:negatives"
+    )
     parser.add_argument("--retrieval", nargs="*", default=RETRIEVAL, choices=RETRIEVAL)
     parser.add_argument("--train_queries", type=int, default=1500, help="seeded sample of train queries")
     parser.add_argument("--test_queries", type=int, default=200, help="seeded sample of test (and validation) queries")
@@ -192,12 +219,16 @@ def main() -> None:
     parser.add_argument(
         "--retrieval_catalogue",
         type=int,
-        default=10000,
+        default=0,
         help="products searched by the bi-encoders (judged test products + random others); 0: all",
     )
     parser.add_argument("--cache_dir", default="~/.cache/querytune/bench", help="where the sampled catalogue goes")
     parser.add_argument("--force", action="store_true", help="recompute finished runs and baselines")
     args = parser.parse_args()
+    args.load = os.getloadavg()
+    for entry in args.rerank:
+        if variant(entry)[0] not in RERANK:
+            parser.error(f"--rerank {entry!r}: the method must be one of {RERANK}")
     Path(args.runs).mkdir(parents=True, exist_ok=True)
 
     config = load_config(REPO / "experiments/relevance/homedepot-rerank-full.yaml", shared_overrides(args))
@@ -208,14 +239,14 @@ def main() -> None:
         f"Training: a seeded sample of {count['train'][0]} train queries ({count['train'][1]} judged pairs), "
         f"{args.epochs:g} epoch. Evaluation: a seeded sample of {count['test'][0]} test queries "
         f"({count['test'][1]} judged pairs), and "
-        f"{count['validation'][0]} validation queries (judged pairs only). Same test queries for every row.")}  # fmt: skip
+        f"{count['validation'][0]} validation queries. Same test queries for every row.")}  # fmt: skip
     catalogue, catalogue_file = sampled_catalogue(args, data)
     sizes["full"] = len(data.catalogue)
     sizes["sampled"] = (
         "the whole catalogue for the bi-encoders too" if catalogue_file is None else
         f"for the bi-encoders (zero-shot and fine-tuned) and the second BM25 row, a seeded sample of "
         f"{len(catalogue):,} products: every judged product of the test queries plus random others (encoding "
-        "the whole catalogue once per model did not fit the time on the shared CPU)")  # fmt: skip
+        "the whole catalogue once per model did not fit the time)")  # fmt: skip
     print(sizes["text"], flush=True)
     retrieval_config = load_config(
         REPO / "experiments/relevance/homedepot-retrieval-full.yaml", shared_overrides(args)

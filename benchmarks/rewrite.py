@@ -112,7 +112,7 @@ def write_table(args, results: dict[str, dict], baselines: dict[str, dict]) -> N
             vals = [m.get(f"test_{c}") for c in COLUMNS]
             vals[COLUMNS.index("distinct_2")] = 100 * vals[COLUMNS.index("distinct_2")]
             lines.append(f"| {model} | {method} | {info['trainable_percent']:.2f} | {r['train_rows']} / "
-                         f"{m.get('train_steps', args.max_steps)} | {m.get('train_runtime', 0):.0f} | {r['n_test']} | "
+                         f"{r['steps']} | {m.get('train_runtime', 0):.0f} | {r['n_test']} | "
                          + " | ".join(fmt(v) for v in vals) + " |")  # fmt: skip
         lines.append("")
     lines += [
@@ -136,7 +136,20 @@ def main() -> None:
     parser.add_argument("--runs", default=str(REPO / "runs/bench-rewrite"))
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/rewrite.md"))
     parser.add_argument("--force", action="store_true", help="retrain finished runs")
+    parser.add_argument(
+        "--row_steps",
+        nargs="*",
+        default=[],
+        metavar="ROW=STEPS",
+        help="another --max_steps for named rows (e.g. the small seq2seq baseline, which is cheaper)",
+    )
     args = parser.parse_args()
+    try:
+        row_steps = {row: int(n) for row, n in (item.split("=") for item in args.row_steps)}
+    except ValueError:
+        parser.error(f"--row_steps takes ROW=STEPS, got {args.row_steps}")
+    if unknown := set(row_steps) - set(ROWS):
+        parser.error(f"--row_steps: unknown rows {sorted(unknown)}")
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
     exp_dir = REPO / "experiments/rewrite"
@@ -153,7 +166,8 @@ def main() -> None:
         dataset = row.split("-")[0]
         if args.force or not (out / MARKER).is_file():
             overrides = ["--dataset_name", f"{args.data}/{DATA[dataset]}", "--max_train_samples",
-                         str(args.max_train_samples), "--max_steps", str(args.max_steps), "--max_eval_samples",
+                         str(args.max_train_samples), "--max_steps", str(row_steps.get(row, args.max_steps)),
+                         "--max_eval_samples",
                          str(args.eval_samples), "--per_device_train_batch_size", str(args.batch_size),
                          "--eval_strategy", "no", "--logging_steps", "5"]  # fmt: skip
             if dataset in ("cast", "canard"):
@@ -169,6 +183,7 @@ def main() -> None:
             print(f"{row}: {time.time() - start:.0f} s", flush=True)
         train_rows = min(args.max_train_samples, baselines[dataset]["train_rows"]["n"])
         results[row] = {**run_metrics(out), "train_rows": train_rows}
+        results[row]["steps"] = json.loads((out / "train_log.json").read_text())[-1]["step"]
         print(row, json.dumps({k: v for k, v in results[row]["metrics"].items() if k.startswith("test_")}), flush=True)
         write_table(args, results, baselines)
 

@@ -190,7 +190,7 @@ def test_config_rules_name_the_key(tmp_path, ranking_data, ranking_bert):
     exp = ranking_experiment(tmp_path, ranking_bert, ranking_data, "rerank", text_pair_column=None)
     with pytest.raises(ConfigError, match="text_pair_column"):
         load_config(exp)
-    exp = ranking_experiment(tmp_path, ranking_bert, ranking_data, "rerank", rerank_objective="listwise")
+    exp = ranking_experiment(tmp_path, ranking_bert, ranking_data, "rerank", rerank_objective="pairwise")
     with pytest.raises(ConfigError, match="rerank_objective"):
         load_config(exp)
     exp = ranking_experiment(tmp_path, ranking_bert, ranking_data, "retrieval", max_train_samples=10)
@@ -286,6 +286,96 @@ def test_binary_objective_trains_with_bce(tmp_path, ranking_bert, ranking_data):
     result = _train(tmp_path, ranking_bert, ranking_data, "rerank", rerank_objective="binary")
     assert isinstance(result.trainer, RerankTrainer) and result.trainer.objective == "binary"
     assert "test_rmse" not in result.metrics and "test_ndcg@10" in result.metrics
+
+
+# --- rerank negatives and objectives
+def _toy_split():
+    from datasets import Dataset
+
+    return Dataset.from_dict({"query_id": ["q1", "q1", "q2"], "query": ["Red shoes", "Red shoes", "oak lamp"],
+                              "doc_id": ["a", "b", "c"], "document": ["A", "B", "C"], "label": [3.0, 2.0, 3.0]})  # fmt: skip
+
+
+def test_sampled_negatives_are_unjudged_and_take_the_hard_share():
+    from querytune.tasks.ranking import sample_negatives
+
+    catalogue = {d: d.upper() for d in "abcdefghijklmnopqrst"}
+    hits = {"q1": ["a", "d", "e", "f"], "q2": ["c", "g"]}  # a is judged for q1, c for q2
+    out = sample_negatives(_toy_split(), catalogue, n=4, label=1.0, seed=0, hits=hits, hard_share=0.5)
+    df = out.to_pandas()
+    neg = df.iloc[3:]
+    assert len(neg) == 8 and (neg["label"] == 1.0).all() and df.iloc[:3]["label"].tolist() == [3.0, 2.0, 3.0]
+    for q, judged in (("q1", {"a", "b"}), ("q2", {"c"})):
+        docs = neg[neg["query_id"] == q]["doc_id"].tolist()
+        assert len(docs) == len(set(docs)) == 4 and not set(docs) & judged, (q, docs)
+        assert neg[neg["query_id"] == q]["query"].iloc[0] == ("Red shoes" if q == "q1" else "oak lamp")
+        assert (neg["document"] == neg["doc_id"].str.upper()).all()
+    assert len(set(neg[neg["query_id"] == "q1"]["doc_id"]) & {"d", "e", "f"}) >= 2, "half from the BM25 hits"
+    assert set(neg[neg["query_id"] == "q2"]["doc_id"]) >= {"g"}, "q2 has one unjudged hit: it is taken"
+    again = sample_negatives(_toy_split(), catalogue, n=4, label=1.0, seed=0, hits=hits, hard_share=0.5)
+    assert again.to_pandas().equals(df), "seeded"
+    only_hard = sample_negatives(_toy_split(), catalogue, n=3, label=0.0, seed=1, hits=hits, hard_share=1.0)
+    assert set(only_hard.to_pandas().iloc[3:6]["doc_id"]) == {"d", "e", "f"}
+
+
+def test_sampled_negatives_stop_when_the_catalogue_runs_out():
+    from querytune.tasks.ranking import sample_negatives
+
+    out = sample_negatives(_toy_split(), {"a": "A", "b": "B", "c": "C", "z": "Z"}, n=5, label=1.0, seed=0)
+    neg = out.to_pandas().iloc[3:]
+    assert sorted(neg[neg["query_id"] == "q1"]["doc_id"]) == ["c", "z"]
+    assert sorted(neg[neg["query_id"] == "q2"]["doc_id"]) == ["a", "b", "z"]
+
+
+def test_query_group_sampler_keeps_queries_together_and_reshuffles():
+    from querytune.tasks.ranking import QueryGroupSampler
+
+    query_ids = [0, 1, 0, 2, 1, 2, 2, 0, 3]
+    sampler = QueryGroupSampler(query_ids, seed=0)
+    first, second = list(sampler), list(sampler)
+    for order in (first, second):
+        assert sorted(order) == list(range(len(query_ids)))
+        runs = [query_ids[i] for i in order]
+        assert [q for i, q in enumerate(runs) if i == 0 or runs[i - 1] != q] == list(dict.fromkeys(runs)), "contiguous"
+    assert first != second, "a new order each epoch"
+    sampler.set_epoch(0)
+    assert list(sampler) == first
+
+
+def test_listwise_loss_by_hand():
+    from querytune.tasks.ranking import listwise_loss
+
+    scores = torch.tensor([2.0, 0.0, 1.0, 5.0, 3.0], requires_grad=True)
+    gains = torch.tensor([2.0, 0.0, 1.0, 0.0, 0.0])  # q0 has gains 2, 0 (q0) and 1; q1 has no gain
+    query_ids = torch.tensor([0, 0, 0, 1, 1])
+    loss = listwise_loss(scores, gains, query_ids)
+    logz = math.log(math.exp(2) + math.exp(0) + math.exp(1))
+    expected = -(2 / 3 * (2 - logz) + 1 / 3 * (1 - logz))  # q1 is left out: no gain to aim at
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert scores.grad[3] == 0 and scores.grad[4] == 0 and scores.grad[0] < 0 < scores.grad[1]
+    nothing = listwise_loss(scores, torch.zeros(5), query_ids)
+    assert nothing.item() == 0.0 and nothing.requires_grad
+
+
+@pytest.mark.parametrize("objective", ["graded", "listwise"])
+def test_rerank_with_negatives_learns_the_toy_relevance(tmp_path, ranking_bert, ranking_data, objective):
+    """Sampled negatives join train and validation (not test); both new objectives train the ranking."""
+    from querytune.tasks.ranking import QueryGroupSampler
+
+    result = _train(tmp_path, ranking_bert, ranking_data, "rerank", max_steps=60, learning_rate=3e-3,
+                    rerank_objective=objective, rerank_negatives=2, rerank_negative_source="mixed")  # fmt: skip
+    trainer = result.trainer
+    assert trainer.objective == objective
+    config = load_config(result.output_dir / "querytune_config.yaml")
+    judged = load_ranking_data(config.data, config.training.seed).splits
+    for role, dataset in (("train", trainer.train_dataset), ("validation", trainer.eval_dataset)):
+        n_queries = len(set(judged[role]["query_id"]))
+        assert len(dataset) == len(judged[role]) + 2 * n_queries, role
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, QueryGroupSampler) == (objective == "listwise")
+    assert result.metrics["test_judged_ndcg@10"] > 0.95, result.metrics
+    assert 0.0 <= result.metrics["test_ndcg@10"] <= 1.0  # the toy catalogue has unjudged near-duplicates: no bar
 
 
 def test_retrieval_loss_masks_other_positives_of_the_same_query(ranking_bert):

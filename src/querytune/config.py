@@ -24,6 +24,7 @@ from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
 TASKS = ("intent", "text_classification", "slots", "intent_slots", "rerank", "retrieval", "rewrite")
 METHODS = ("full", "freeze", "lora", "adalora", "ia3", "prefix", "prompt", "adapter")
+RERANK_OBJECTIVES = ("regression", "binary", "graded", "listwise")
 
 
 class ConfigError(ValueError):
@@ -125,9 +126,25 @@ class DataArguments:
     )
     rerank_objective: str = field(
         default="regression",
-        metadata={"help": "rerank: 'regression' (MSE on the label, 1 output) or 'binary' (BCE on label >= "
-                  "relevance_threshold)."},
+        metadata={"help": "rerank: 'regression' (MSE on the label), 'binary' (BCE on label >= relevance_threshold), "
+                  "'graded' (BCE on the gain label - relevance_gain_offset scaled to [0, 1]) or 'listwise' (softmax "
+                  "cross-entropy over each query's documents in a batch, target proportional to the gain; batches "
+                  "are formed from whole queries)."},
     )  # fmt: skip
+    rerank_negatives: int = field(
+        default=0,
+        metadata={"help": "rerank: add N unjudged catalogue documents per train and validation query, labelled "
+                  "rerank_negative_label, so the model sees what it must push down (the judged pairs alone are "
+                  "mostly relevant)."},
+    )  # fmt: skip
+    rerank_negative_source: str = field(
+        default="mixed",
+        metadata={"help": "rerank negatives: 'bm25' (drawn from the query's unjudged BM25 top retrieval_top_k, the "
+                  "documents reranked at evaluation), 'random' (from the whole catalogue) or 'mixed' (half each)."},
+    )  # fmt: skip
+    rerank_negative_label: float | None = field(
+        default=None, metadata={"help": "rerank negatives: their label; default the lowest label of the train split."}
+    )
     rerank_first_stage: str = field(
         default="bm25",
         metadata={"help": "rerank evaluation: 'bm25' reranks the BM25 top retrieval_top_k over the whole catalogue; "
@@ -255,8 +272,13 @@ class DataArguments:
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
         # --- ranking (task: rerank, retrieval)
-        if self.rerank_objective not in ("regression", "binary"):
-            raise ValueError(f"rerank_objective must be 'regression' or 'binary', got {self.rerank_objective!r}")
+        if self.rerank_objective not in RERANK_OBJECTIVES:
+            raise ValueError(f"rerank_objective must be one of {RERANK_OBJECTIVES}, got {self.rerank_objective!r}")
+        if self.rerank_negative_source not in ("bm25", "random", "mixed"):
+            raise ValueError("rerank_negative_source must be 'bm25', 'random' or 'mixed', got "
+                             f"{self.rerank_negative_source!r}")  # fmt: skip
+        if self.rerank_negatives < 0:
+            raise ValueError(f"rerank_negatives must be >= 0, got {self.rerank_negatives}")
         if self.rerank_first_stage not in ("bm25", "judged"):
             raise ValueError(f"rerank_first_stage must be 'bm25' or 'judged', got {self.rerank_first_stage!r}")
         for name in ("retrieval_top_k", "max_train_queries", "max_eval_queries"):

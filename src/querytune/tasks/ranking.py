@@ -1,9 +1,13 @@
 """Query–product relevance: a cross-encoder reranker (`task: rerank`) and a bi-encoder retriever (`task: retrieval`).
 
 - rerank: `AutoModelForSequenceClassification` with one output over the (query, document) pair. The objective is
-  `rerank_objective`: `regression` (MSE on the graded label; RMSE is reported) or `binary` (BCE on
-  `label >= relevance_threshold`). Only the document is truncated (`truncation="only_second"`); a query longer
-  than half of `max_seq_length` is the one case where the query is cut too (`longest_first`, logged).
+  `rerank_objective`: `regression` (MSE on the graded label; RMSE is reported), `binary` (BCE on
+  `label >= relevance_threshold`), `graded` (BCE on the gain scaled to [0, 1]) or `listwise` (softmax
+  cross-entropy over each query's documents in a batch, target proportional to the gain; batches are cut from
+  whole queries by `QueryGroupSampler`). Judged pairs are mostly relevant, so `rerank_negatives` adds unjudged
+  catalogue documents per query (from its BM25 hits, the catalogue at random, or both) labelled irrelevant. Only
+  the document is truncated (`truncation="only_second"`); a query longer than half of `max_seq_length` is the one
+  case where the query is cut too (`longest_first`, logged).
 - retrieval: one shared `AutoModel` encoder, mean pooling, cosine similarity; the loss is cross-entropy over
   in-batch negatives plus one judged non-relevant document of the same query per pair (hard negative). Other
   relevant documents of the same query in the batch are masked, not treated as negatives. A custom Trainer
@@ -25,10 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import peft
 import torch
 import torch.nn.functional as F
 from datasets import Dataset, DatasetDict
+from torch.utils.data import Sampler
 from transformers import (
     AutoModel,
     AutoModelForSequenceClassification,
@@ -40,7 +46,14 @@ from transformers import (
 from querytune.bm25 import BM25Index
 from querytune.data import DataError
 from querytune.metrics import load_metric
-from querytune.ranking_data import RankingData, first_query_texts, load_ranking_data, qrels, read_catalogue
+from querytune.ranking_data import (
+    COLUMNS,
+    RankingData,
+    first_query_texts,
+    load_ranking_data,
+    qrels,
+    read_catalogue,
+)
 from querytune.tasks.base import Task, length_batches
 
 logger = logging.getLogger(__name__)
@@ -221,24 +234,104 @@ class _RankingTask(Task):
 
 
 # --- cross-encoder
-class RerankTrainer(Trainer):
-    """Pointwise loss on one output per pair; the query ids ride along as a label so metrics can group by query."""
+def sample_negatives(split: Dataset, catalogue: dict[str, str], n: int, label: float, seed: int,
+                     hits: dict[str, list[str]] | None = None, hard_share: float = 0.0) -> Dataset:  # fmt: skip
+    """`split` plus `n` unjudged catalogue documents per query, labelled `label`.
 
-    def __init__(self, *args, objective: str = "regression", threshold: float = 2.5, **kwargs) -> None:
+    `round(n * hard_share)` of them are drawn at random from the query's `hits` (its first-stage results, e.g. the
+    BM25 top k) that are not judged for it; the rest, and any shortfall, at random from the whole catalogue. Queries
+    are visited in sorted order, so the sample depends only on the seed and the data.
+    """
+    frame = split.to_pandas()
+    judged, texts = qrels(frame), first_query_texts(frame)
+    doc_ids = list(catalogue)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for q in sorted(judged):
+        seen = set(judged[q])
+        pool = [d for d in (hits or {}).get(q, []) if d not in seen]
+        take = min(len(pool), round(n * hard_share))
+        picked = [pool[i] for i in rng.choice(len(pool), size=take, replace=False)] if take else []
+        seen.update(picked)
+        for _ in range(20 * n):  # rejection sampling; a tiny catalogue may not have n unjudged documents
+            if len(picked) >= n or len(seen) >= len(doc_ids):
+                break
+            d = doc_ids[int(rng.integers(len(doc_ids)))]
+            if d not in seen:
+                picked.append(d)
+                seen.add(d)
+        rows += [(q, texts[q], d, catalogue[d], float(label)) for d in picked]
+    extra = pd.DataFrame(rows, columns=COLUMNS).astype({"label": "float64"})
+    return Dataset.from_pandas(pd.concat([frame[COLUMNS], extra], ignore_index=True), preserve_index=False)
+
+
+class QueryGroupSampler(Sampler[int]):
+    """Row indices query by query (queries in a seeded random order, rows shuffled within each), so a batch holds
+    whole queries, except where a query straddles two batches: what the listwise loss needs. Reshuffled each epoch."""
+
+    def __init__(self, query_ids: list[int], seed: int) -> None:
+        groups: dict[int, list[int]] = {}
+        for i, q in enumerate(query_ids):
+            groups.setdefault(int(q), []).append(i)
+        self.groups, self.seed, self.epoch = list(groups.values()), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return sum(len(g) for g in self.groups)
+
+    def __iter__(self):
+        rng = np.random.default_rng((self.seed, self.epoch))
+        self.epoch += 1  # a new order next time, also when nobody calls set_epoch
+        for g in rng.permutation(len(self.groups)):
+            group = self.groups[g]
+            yield from (group[i] for i in rng.permutation(len(group)))
+
+
+def listwise_loss(scores: torch.Tensor, gains: torch.Tensor, query_ids: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy per query, target proportional to the gain (Bruch et al., 2019), averaged over the
+    queries of the batch that have two or more documents and some gain (zero, still differentiable, if none)."""
+    losses = []
+    for q in query_ids.unique():
+        mask = query_ids == q
+        gain = gains[mask].clamp(min=0)
+        if mask.sum() > 1 and gain.sum() > 0:
+            losses.append(-(gain / gain.sum() * F.log_softmax(scores[mask], dim=0)).sum())
+    return torch.stack(losses).mean() if losses else scores.sum() * 0.0
+
+
+class RerankTrainer(Trainer):
+    """One output per pair; the query ids ride along as a label, so metrics and the listwise loss group by query."""
+
+    def __init__(self, *args, objective: str = "regression", threshold: float = 2.5, gain_offset: float = 1.0,
+                 gain_max: float = 3.0, **kwargs) -> None:  # fmt: skip
         kwargs["args"].remove_unused_columns = False  # query_ids is not a model input
         super().__init__(*args, **kwargs)
         self.objective, self.threshold = objective, threshold
+        self.gain_offset, self.gain_scale = gain_offset, max(gain_max - gain_offset, 1e-9)
         self.label_names = ["labels", "query_ids"]
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.objective != "listwise":
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return QueryGroupSampler(dataset["query_ids"], self.args.seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels").float()
-        inputs.pop("query_ids", None)
+        query_ids = inputs.pop("query_ids", None)
         outputs = model(**inputs)
         logits = outputs.logits.float().reshape(-1)
         if self.objective == "regression":
             loss = F.mse_loss(logits, labels)
-        else:
+        elif self.objective == "binary":
             loss = F.binary_cross_entropy_with_logits(logits, (labels >= self.threshold).float())
+        elif self.objective == "graded":
+            target = ((labels - self.gain_offset) / self.gain_scale).clamp(0, 1)
+            loss = F.binary_cross_entropy_with_logits(logits, target)
+        else:
+            loss = listwise_loss(logits, labels - self.gain_offset, query_ids)
         return (loss, outputs) if return_outputs else loss
 
 
@@ -255,10 +348,37 @@ class RerankTask(_RankingTask):
 
     def trainer_kwargs(self, tokenizer) -> dict[str, Any]:
         data = self.config.data
-        return {"objective": data.rerank_objective, "threshold": data.relevance_threshold}
+        return {"objective": data.rerank_objective, "threshold": data.relevance_threshold,
+                "gain_offset": data.relevance_gain_offset, "gain_max": max(self.data.splits["train"]["label"])}  # fmt: skip
+
+    def with_negatives(self, splits: DatasetDict) -> DatasetDict:
+        """Train and validation plus `rerank_negatives` sampled unjudged documents per query (test is left as is)."""
+        data = self.config.data
+        if not data.rerank_negatives:
+            return splits
+        catalogue = self._catalogue()
+        label = data.rerank_negative_label
+        label = float(min(splits["train"]["label"])) if label is None else label
+        share = {"bm25": 1.0, "random": 0.0, "mixed": 0.5}[data.rerank_negative_source]
+        out = dict(splits)
+        for offset, role in enumerate(("train", "validation")):
+            if role not in splits:
+                continue
+            hits = None
+            if share:
+                texts = first_query_texts(splits[role])
+                ids = sorted(texts)
+                found = self._bm25(catalogue).search([texts[q] for q in ids], data.retrieval_top_k)
+                hits = {q: [d for d, _ in h] for q, h in zip(ids, found, strict=True)}
+            out[role] = sample_negatives(splits[role], catalogue, data.rerank_negatives, label,
+                                         self.config.training.seed + offset, hits, share)  # fmt: skip
+            logger.info("%s: %d judged pairs + %d sampled negatives (%s, label %g)", role, len(splits[role]),
+                        len(out[role]) - len(splits[role]), data.rerank_negative_source, label)  # fmt: skip
+        return DatasetDict(out)
 
     def tokenize(self, splits: DatasetDict, tokenizer) -> DatasetDict:
         max_len = min(self.config.model.max_seq_length, tokenizer.model_max_length or 10**6)
+        splits = self.with_negatives(splits)
 
         def encode(batch: dict[str, list]) -> dict[str, list]:
             out = dict(encode_pairs(tokenizer, batch["query"], batch["document"], max_len))
@@ -278,7 +398,8 @@ class RerankTask(_RankingTask):
         return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if mixed else None)
 
     def compute_metrics(self, prediction: EvalPrediction) -> dict[str, float]:
-        """Judged-candidate metrics (each query's own judged documents only) and RMSE for regression."""
+        """Candidate metrics over each query's rows of the split (its judged documents, plus its sampled negatives
+        where `rerank_negatives` is set) and RMSE for regression."""
         scores = np.asarray(prediction.predictions).reshape(-1)
         labels, query_ids = prediction.label_ids
         regression = self.config.data.rerank_objective == "regression"
