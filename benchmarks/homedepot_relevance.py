@@ -165,13 +165,25 @@ def _fmt(value, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def shown_command() -> str:
+    """The benchmark's arguments, without the --note text."""
+    argv, shown = sys.argv[1:], []
+    skip = False
+    for item in argv:
+        if skip or item == "--note":
+            skip = item == "--note"
+            continue
+        shown.append(item)
+    return " ".join(shown)
+
+
 def write_table(args: argparse.Namespace, rows: list[dict], sizes: dict) -> None:
     head = ["system", "method", "objective", "catalogue", "nDCG@10", "nDCG@5", "MRR@10", "MAP@100", "R@10", "R@100", "RMSE", "trainable %",
             "wall s", "train samples/s"]  # fmt: skip
     lines = [
         "# Home Depot query–product relevance (all-MiniLM-L6-v2)",
         "",
-        f"Measured by `python benchmarks/homedepot_relevance.py {' '.join(sys.argv[1:])}` on: "
+        f"Measured by `python benchmarks/homedepot_relevance.py {shown_command()}` on: "
         f"{machine_description()}; 1-minute load average {args.load[0]:.1f} at the start and "
         f"{os.getloadavg()[0]:.1f} at the end (2 cores: above 2, other jobs shared them and times are pessimistic).",
         "",
