@@ -472,7 +472,7 @@ def test_minilm_on_a_home_depot_slice(tmp_path):
     df = pd.read_csv(SHARED_DATA / "homedepot/train.csv", encoding="latin-1")
     keep = sorted(df["search_term"].unique())[:300]
     df[df["search_term"].isin(keep)].to_json(tmp_path / "train.jsonl", orient="records", lines=True)
-    common = ["--dataset_name", str(tmp_path), "--output_dir", str(tmp_path / "run"), "--max_steps", "30",
+    common = ["--dataset_name", str(tmp_path), "--output_dir", str(tmp_path / "run"), "--max_steps", "100",
               "--catalogue_cache_dir", str(tmp_path / "cache"), "--save_strategy", "no", "--eval_strategy", "no",
               "--load_best_model_at_end", "false", "--report_to", "none", "--use_cpu", "true"]  # fmt: skip
     rerank = run(load_config(REPO / "experiments/relevance/homedepot-rerank-lora.yaml", common))
@@ -485,7 +485,8 @@ def test_minilm_on_a_home_depot_slice(tmp_path):
     pairs = sample_negatives(relevant, data.catalogue, n=3, label=0.0, seed=0).to_pandas()
     scores = score_pairs(rerank.model, rerank.tokenizer, pairs["query"].tolist(), pairs["document"].tolist(), 64)
     auc = roc_auc_score(pairs["label"] > 0, scores)
+    # Measured: AUC 0.94 after 100 steps (0.52 after 30).
     assert auc > 0.8, f"relevant vs random products of held-out queries: AUC {auc:.3f}"
-    common[3] = str(tmp_path / "run-b")
+    common[3], common[5] = str(tmp_path / "run-b"), "30"  # the bi-encoder only has to run end to end
     retrieval = run(load_config(REPO / "experiments/relevance/homedepot-retrieval-lora.yaml", common))
     assert retrieval.metrics["test_recall@100"] > 0.3
