@@ -221,6 +221,20 @@ class _RankingTask(Task):
             self.data = load_ranking_data(self.config.data, self.config.training.seed)
         return self.data.catalogue
 
+    def split_metrics(self, trainer: Trainer, dataset, prefix: str) -> dict[str, float]:
+        """The Trainer's metrics on the tokenised split."""
+        return trainer.predict(dataset, metric_key_prefix=prefix).metrics
+
+    def evaluate_trained(self, trainer: Trainer, dataset, role: str, out_dir: Path) -> dict[str, float]:
+        """The split's Trainer metrics, plus the catalogue search / rerank metrics on the catalogue role."""
+        prefix = "eval" if role == "validation" else "test"
+        metrics = self.split_metrics(trainer, dataset, prefix)
+        if role == self.catalogue_role() and trainer.is_world_process_zero():
+            found = self.catalogue_metrics(trainer.model, trainer.processing_class, self.data.splits[role], out_dir,
+                                           role, trainer.args.per_device_eval_batch_size)  # fmt: skip
+            metrics.update({f"{prefix}_{k}": v for k, v in found.items()})
+        return metrics
+
     def _eval_split(self, split: str) -> Dataset:
         """A split for `querytune eval`, by role name or the dataset's own split name."""
         self.data = load_ranking_data(self.config.data, self.config.training.seed)
@@ -451,15 +465,6 @@ class RerankTask(_RankingTask):
         k = self.config.data.retrieval_top_k
         return ranking_metrics(runs, judged, self.config.data, recall_k=tuple(sorted({10, k})))
 
-    def evaluate_trained(self, trainer: Trainer, dataset, role: str, out_dir: Path) -> dict[str, float]:
-        prefix = "eval" if role == "validation" else "test"
-        metrics = trainer.predict(dataset, metric_key_prefix=prefix).metrics
-        if role == self.catalogue_role() and trainer.is_world_process_zero():
-            found = self.catalogue_metrics(trainer.model, trainer.processing_class, self.data.splits[role], out_dir,
-                                           role, trainer.args.per_device_eval_batch_size)  # fmt: skip
-            metrics.update({f"{prefix}_{k}": v for k, v in found.items()})
-        return metrics
-
     def predict(self, run, texts: list[str], top_k: int = 3, batch_size: int = 64, candidates: list[str] | None = None,
                 catalogue: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
         """Each query's candidates ranked by the cross-encoder (all of them unless top_k is smaller)."""
@@ -623,14 +628,8 @@ class RetrievalTask(_RankingTask):
         write_rankings(out_dir / f"{role}_rankings.jsonl", runs, queries, catalogue, judged)
         return ranking_metrics(runs, judged, self.config.data, recall_k=tuple(sorted({10, k})))
 
-    def evaluate_trained(self, trainer: Trainer, dataset, role: str, out_dir: Path) -> dict[str, float]:
-        prefix = "eval" if role == "validation" else "test"
-        metrics = trainer.evaluate(dataset, metric_key_prefix=prefix)
-        if role == self.catalogue_role() and trainer.is_world_process_zero():
-            found = self.catalogue_metrics(trainer.model, trainer.processing_class, self.data.splits[role], out_dir,
-                                           role, trainer.args.per_device_eval_batch_size)  # fmt: skip
-            metrics.update({f"{prefix}_{k}": v for k, v in found.items()})
-        return metrics
+    def split_metrics(self, trainer: Trainer, dataset, prefix: str) -> dict[str, float]:
+        return trainer.evaluate(dataset, metric_key_prefix=prefix)  # only the loss: there are no per-pair outputs
 
     def predict(self, run, texts: list[str], top_k: int = 10, batch_size: int = 64, candidates: list[str] | None = None,
                 catalogue: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
