@@ -115,6 +115,18 @@ def baselines(args: argparse.Namespace, data, config, catalogue: dict[str, str])
     return [*rows, mean_row]
 
 
+def grade_shares(data_dir: str, config) -> str:
+    """The share of judged pairs relevant, partly relevant (2 up to the threshold) and below 2, over every split."""
+    import numpy as np
+
+    full = load_config(REPO / "experiments/relevance/homedepot-rerank-full.yaml", ["--dataset_name", data_dir])
+    splits = load_ranking_data(full.data, full.training.seed).splits
+    labels = np.concatenate([np.asarray(ds["label"]) for ds in splits.values()])
+    t = config.data.relevance_threshold
+    return (f"{np.mean(labels >= t):.0%} >= {t}, {np.mean((labels >= 2) & (labels < t)):.0%} from 2 up to {t}, "
+            f"{np.mean(labels < 2):.0%} below 2 ({len(labels):,} pairs)")  # fmt: skip
+
+
 def variant(entry: str) -> tuple[str, list[str], str]:
     """`method` or `method:objective:negatives` → (method, overrides, run name)."""
     method, *rest = entry.split(":")
@@ -167,14 +179,11 @@ def _fmt(value, digits: int = 3) -> str:
 
 def shown_command() -> str:
     """The benchmark's arguments, without the --note text."""
-    argv, shown = sys.argv[1:], []
-    skip = False
-    for item in argv:
-        if skip or item == "--note":
-            skip = item == "--note"
-            continue
-        shown.append(item)
-    return " ".join(shown)
+    argv = sys.argv[1:]
+    if "--note" in argv:
+        i = argv.index("--note")
+        argv = argv[:i] + argv[i + 2 :]
+    return " ".join(argv)
 
 
 def write_table(args: argparse.Namespace, rows: list[dict], sizes: dict) -> None:
@@ -253,7 +262,8 @@ def main() -> None:
         f"Training: a seeded sample of {count['train'][0]} train queries ({count['train'][1]} judged pairs), "
         f"{args.epochs:g} epoch. Evaluation: a seeded sample of {count['test'][0]} test queries "
         f"({count['test'][1]} judged pairs), and "
-        f"{count['validation'][0]} validation queries. Same test queries for every row.")}  # fmt: skip
+        f"{count['validation'][0]} validation queries. Same test queries for every row. Grades of all judged "
+        f"pairs in the file: {grade_shares(args.data, config)}.")}  # fmt: skip
     catalogue, catalogue_file = sampled_catalogue(args, data)
     sizes["full"] = len(data.catalogue)
     sizes["sampled"] = (

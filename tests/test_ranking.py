@@ -193,6 +193,10 @@ def test_config_rules_name_the_key(tmp_path, ranking_data, ranking_bert):
     exp = ranking_experiment(tmp_path, ranking_bert, ranking_data, "rerank", rerank_objective="pairwise")
     with pytest.raises(ConfigError, match="rerank_objective"):
         load_config(exp)
+    for key, value in (("rerank_negative_source", "bogus"), ("rerank_negatives", -1)):
+        exp = ranking_experiment(tmp_path, ranking_bert, ranking_data, "rerank", **{key: value})
+        with pytest.raises(ConfigError, match=key):
+            load_config(exp)
     exp = ranking_experiment(tmp_path, ranking_bert, ranking_data, "retrieval", max_train_samples=10)
     with pytest.raises(ConfigError, match="max_train_queries"):
         load_config(exp)
