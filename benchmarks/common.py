@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import subprocess
 import sys
@@ -22,3 +24,36 @@ def train(experiment: Path, output_dir: Path, overrides: list[str], log: Path) -
     if proc.returncode != 0:
         raise RuntimeError(f"{experiment.name} failed (exit {proc.returncode}); see {log}")
     return time.perf_counter() - start
+
+
+def load_average() -> float:
+    """The 1-minute load average."""
+    return os.getloadavg()[0]
+
+
+def check_load(force: bool = False, limit: float = 1.5, wait_s: float = 300) -> float:
+    """Refuse to start a measurement on a busy machine: on 2 cores, a second torch process slows both 10-20x.
+
+    Waits up to `wait_s` for the load to settle (it lags a finished job by a minute or so) before refusing.
+    """
+    deadline = time.monotonic() + wait_s
+    while (load := load_average()) > limit and not force and time.monotonic() < deadline:
+        time.sleep(10)
+    if load > limit and not force:
+        raise SystemExit(
+            f"1-minute load average is {load:.2f} (> {limit}): something else is running. Wait for it, or pass "
+            "--force_load and say so in the table."
+        )
+    return load
+
+
+@contextlib.contextmanager
+def cpu_slot(lock: str = os.environ.get("QUERYTUNE_CPU_LOCK", "/tmp/querytune-cpu.lock")):
+    """Hold the machine-wide CPU lock for one measurement, so that tests and other benchmarks that take the same
+    lock (`flock /tmp/querytune-cpu.lock pytest ...`) wait instead of running beside it."""
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
