@@ -32,9 +32,9 @@ sys.path.insert(0, str(REPO / "src"))
 from common import train  # noqa: E402
 
 from querytune.config import load_config  # noqa: E402
-from querytune.ranking_data import first_query_texts, load_ranking_data, qrels  # noqa: E402
 from querytune.report import machine_description  # noqa: E402
 from querytune.runs import MARKER, read_run  # noqa: E402
+from querytune.tasks.ranking.data import first_query_texts, load_ranking_data, qrels  # noqa: E402
 
 RERANK = ["full", "lora", "ia3", "adapter", "freeze", "adalora", "prompt", "prefix"]
 RETRIEVAL = ["full", "lora"]
@@ -72,8 +72,9 @@ def baselines(args: argparse.Namespace, data, config, catalogue: dict[str, str])
     fine-tuned runs see (same config, same seed)."""
     import numpy as np
 
-    from querytune.bm25 import BM25Index
-    from querytune.tasks.ranking import RetrievalTask, ranking_metrics
+    from querytune.tasks.ranking.bm25 import BM25Index
+    from querytune.tasks.ranking.common import ranking_metrics
+    from querytune.tasks.ranking.retrieval import RetrievalTask
 
     test, train_split = data.splits["test"], data.splits["train"]
     # The regression reference depends on the train sample: always recomputed (it is cheap).
@@ -93,7 +94,7 @@ def baselines(args: argparse.Namespace, data, config, catalogue: dict[str, str])
         start = time.perf_counter()
         index = BM25Index(list(docs), list(docs.values()))
         hits = index.search([queries[q] for q in ids], 100)
-        found = ranking_metrics(dict(zip(ids, hits, strict=True)), judged, config.data, recall_k=(10, 100))
+        found = ranking_metrics(dict(zip(ids, hits, strict=True)), judged, config.task_args, recall_k=(10, 100))
         rows.append({"system": "BM25 (bm25s, stemmed, stop words)", "task": "retrieval", "method": "–", **found,
                      "wall_s": time.perf_counter() - start, "catalogue": len(docs)})  # fmt: skip
 
@@ -108,7 +109,7 @@ def baselines(args: argparse.Namespace, data, config, catalogue: dict[str, str])
     start = time.perf_counter()
     hits = task.retrieve(model, tokenizer, [queries[q] for q in ids], catalogue, 100)
     wall = time.perf_counter() - start
-    found = ranking_metrics(dict(zip(ids, hits, strict=True)), judged, config.data, recall_k=(10, 100))
+    found = ranking_metrics(dict(zip(ids, hits, strict=True)), judged, config.task_args, recall_k=(10, 100))
     rows.append({"system": "all-MiniLM-L6-v2 zero-shot (cosine)", "task": "retrieval", "method": "–", **found,
                  "wall_s": wall, "catalogue": len(catalogue)})  # fmt: skip
     saved.write_text(json.dumps(rows, indent=2))
@@ -120,9 +121,9 @@ def grade_shares(data_dir: str, config) -> str:
     import numpy as np
 
     full = load_config(REPO / "experiments/relevance/homedepot-rerank-full.yaml", ["--dataset_name", data_dir])
-    splits = load_ranking_data(full.data, full.training.seed).splits
+    splits = load_ranking_data(full.data, full.task_args, full.training.seed).splits
     labels = np.concatenate([np.asarray(ds["label"]) for ds in splits.values()])
-    t = config.data.relevance_threshold
+    t = config.task_args.relevance_threshold
     return (f"{np.mean(labels >= t):.0%} >= {t}, {np.mean((labels >= 2) & (labels < t)):.0%} from 2 up to {t}, "
             f"{np.mean(labels < 2):.0%} below 2 ({len(labels):,} pairs)")  # fmt: skip
 
@@ -158,7 +159,7 @@ def fine_tuned(args: argparse.Namespace, task: str, entry: str, catalogue_file: 
         (out / "bench_wall.json").write_text(json.dumps({"wall_s": wall}))
     info = read_run(out)
     config = load_config(out / "querytune_config.yaml")
-    data = config.data
+    data = config.task_args
     objective = "contrastive: in-batch + 1 judged hard negative"
     if task == "rerank":
         negatives = f"{data.rerank_negatives} negatives/query ({data.rerank_negative_source})"
@@ -255,10 +256,10 @@ def main() -> None:
     Path(args.runs).mkdir(parents=True, exist_ok=True)
 
     config = load_config(REPO / "experiments/relevance/homedepot-rerank-full.yaml", shared_overrides(args))
-    data = load_ranking_data(config.data, config.training.seed)
+    data = load_ranking_data(config.data, config.task_args, config.training.seed)
     count = {r: (len(set(ds["query_id"])), len(ds)) for r, ds in data.splits.items()}
     sizes = {"text": (
-        f"Queries split by the seeded md5 rule of `querytune/ranking_data.py` (seed 0: 10% test, 10% validation). "
+        f"Queries split by the seeded md5 rule of `querytune/tasks/ranking/data.py` (seed 0: 10% test, 10% validation). "
         f"Training: a seeded sample of {count['train'][0]} train queries ({count['train'][1]} judged pairs), "
         f"{args.epochs:g} epoch. Evaluation: a seeded sample of {count['test'][0]} test queries "
         f"({count['test'][1]} judged pairs), and "

@@ -6,7 +6,7 @@ python benchmarks/inference.py --max_queries 200 --out /tmp/x.md # smoke run
 
 Each engine runs in its own process (so peak memory is its own) with `--threads` threads. The timed path is what
 `querytune predict` does: tokenise a batch, run the model, read the logits. Exports are made with
-`querytune.export.export_run` into RUN/exports/ and reused when they are finished. Batch sizes below the largest
+`querytune.serving.export.export_run` into RUN/exports/ and reused when they are finished. Batch sizes below the largest
 run over the first `--latency_queries` queries; the largest runs over all (accuracy and agreement). Timings are
 disturbed by anything else on the machine: the load average is recorded before and after.
 """
@@ -54,15 +54,14 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from querytune.export import ExportedRun, OnnxModel
-    from querytune.inference import LoadedRun
+    from querytune.inference import LoadedRun, OnnxModel
 
     queries = json.loads(Path(args.queries_file).read_text())
     start = time.perf_counter()
     if args.engine == "pytorch-unmerged":
         loaded = LoadedRun(args.path, merge=False, device="cpu")
     else:
-        loaded = ExportedRun(args.path, threads=args.threads)
+        loaded = LoadedRun(args.path, device="cpu", threads=args.threads)
     load_s = time.perf_counter() - start
     loaded.logits(queries[:64], batch_size=64)  # warm-up
     loaded.logits(queries[:1], batch_size=1)
@@ -92,7 +91,8 @@ def worker(args: argparse.Namespace) -> None:
 
 def ort_profile(path: str, queries: list[str], loaded, threads: int) -> list[dict]:
     """ONNX Runtime's own profile of 20 batches of 64: total time per operator type, largest first."""
-    from querytune.export import ONNX_FILE, OnnxModel
+    from querytune.inference import OnnxModel
+    from querytune.runs import ONNX_FILE
 
     with tempfile.TemporaryDirectory() as tmp:
         model = OnnxModel(Path(path) / ONNX_FILE, threads, profile_prefix=str(Path(tmp) / "ort"))
@@ -207,8 +207,9 @@ def main() -> None:
     if args.engine:
         return worker(args)
 
-    from querytune.export import default_export_dir, export_run, is_export
     from querytune.report import machine_description
+    from querytune.runs import is_export
+    from querytune.serving.export import default_export_dir, export_run
 
     load_before = os.getloadavg()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

@@ -40,16 +40,17 @@ COLUMNS = ["rougeL", "bleu", "exact_match", "recall_at_1", "recall_at_k", "disti
 
 def copy_baseline(experiment: Path, data_dir: str, eval_samples: int | None) -> dict[str, dict]:
     """Scores of answering each query with itself, on the run's test rows (same split, same sample)."""
-    from querytune.rewrite_data import group_split, load_rows, sample_rows
-    from querytune.tasks.rewrite import score
+    from querytune.data import sample
+    from querytune.tasks.rewrite.data import group_split, load_rows
+    from querytune.tasks.rewrite.task import score
 
     cfg = load_config(experiment, ["--dataset_name", data_dir])
-    data, seed = cfg.data, cfg.training.seed
-    by_split, _ = load_rows(data)
-    parts = group_split(by_split["train"], data.validation_split_percentage, data.rewrite_test_percentage, seed)
+    data, args, seed = cfg.data, cfg.task_args, cfg.training.seed
+    by_split, _ = load_rows(data, args)
+    parts = group_split(by_split["train"], data.validation_split_percentage, args.rewrite_test_percentage, seed)
     test = parts["test"]
     out: dict[str, dict] = {"train_rows": {"n": len(parts["train"])}}
-    for name, rows in (("sampled", sample_rows(test, eval_samples, seed)), ("whole", test)):
+    for name, rows in (("sampled", sample(test, eval_samples, seed)), ("whole", test)):
         rows = [r for r in rows if r["targets"]]
         out[name] = {"n": len(rows), **score([[r["query"]] for r in rows], [r["targets"] for r in rows])}
     return out

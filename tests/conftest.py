@@ -16,7 +16,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # 1 beside a benchmark (see CONTRIBUTING.md)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -145,3 +145,21 @@ def tiny_experiment(tmp_path: Path, model_dir: Path, data_dir: Path, **overrides
     path = tmp_path / "experiment.yaml"
     path.write_text(yaml.safe_dump(values))
     return path
+
+
+def data_sections(**kw):
+    """(DataArguments, the task's option dataclass) from flat keys, as an experiment file would split them."""
+    import dataclasses
+
+    from querytune.config import DataArguments
+    from querytune.tasks import arguments_of
+
+    task_cls = arguments_of(kw.get("task", "intent"))
+    data_keys = {f.name for f in dataclasses.fields(DataArguments)}
+    data = DataArguments(**{k: v for k, v in kw.items() if k in data_keys})
+    if task_cls is None:
+        return data, None
+    args = task_cls(**{k: v for k, v in kw.items() if k not in data_keys})
+    if hasattr(args, "check"):
+        args.check(data)
+    return data, args

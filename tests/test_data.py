@@ -6,7 +6,8 @@ import datasets
 import pytest
 
 from querytune.config import DataArguments
-from querytune.data import DataError, load_classification_splits, load_eval_split
+from querytune.data import DataError
+from querytune.tasks.classification.data import load_classification_splits, load_eval_split
 
 from .conftest import make_rows, write_jsonl
 

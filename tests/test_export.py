@@ -10,19 +10,12 @@ import shutil
 import numpy as np
 import pytest
 
-from querytune import export as export_module
 from querytune.cli import main
-from querytune.export import (
-    EXPORT_MARKER,
-    ONNX_FILE,
-    VERIFY_FILE,
-    ExportedRun,
-    ExportError,
-    export_run,
-    load_for_serving,
-    read_export,
-)
-from querytune.inference import LoadedRun
+from querytune.errors import ExportError
+from querytune.inference import LoadedRun, load_run
+from querytune.runs import EXPORT_MARKER, ONNX_FILE, read_export
+from querytune.serving import export as export_module
+from querytune.serving.export import VERIFY_FILE, export_run
 
 from .conftest import tiny_experiment, write_jsonl
 from .test_ranking import ranking_bert, ranking_data  # noqa: F401  (fixtures: the tiny ranking corpus and model)
@@ -70,7 +63,7 @@ def test_merged_export_is_self_describing_and_matches_the_run(lora_run, tmp_path
     check = json.loads((out / VERIFY_FILE).read_text())["outputs"]["logits"]
     assert check["top1_agreement"] == 1.0 and check["max_abs_logit_diff"] < 1e-4 and check["compared"] == 16
     reference = LoadedRun(lora_run, merge=False)
-    _same_predictions(ExportedRun(out).predict(TEXTS), reference.predict(TEXTS))
+    _same_predictions(LoadedRun(out).predict(TEXTS), reference.predict(TEXTS))
 
 
 def test_onnx_fp32_and_int8_exports(lora_run, tmp_path):
@@ -84,7 +77,7 @@ def test_onnx_fp32_and_int8_exports(lora_run, tmp_path):
     assert fp32["outputs"] == ["logits"]
     check = fp32["verification"]["outputs"]["logits"]
     assert check["top1_agreement"] == 1.0 and check["max_abs_logit_diff"] < 1e-4
-    exported = ExportedRun(tmp_path / "onnx")
+    exported = LoadedRun(tmp_path / "onnx")
     # batch 1 and a longer batch than the export's sample: the axes are dynamic
     for batch in (["track package 7"], TEXTS * 7):
         np.testing.assert_allclose(exported.logits(batch), reference.logits(batch), atol=1e-4)
@@ -99,7 +92,7 @@ def test_onnx_fp32_and_int8_exports(lora_run, tmp_path):
 
     ops = {n.op_type for n in onnx.load(str(tmp_path / "onnx-int8" / ONNX_FILE)).graph.node}
     assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
-    q = ExportedRun(tmp_path / "onnx-int8").predict(TEXTS)
+    q = LoadedRun(tmp_path / "onnx-int8").predict(TEXTS)
     assert [r["query"] for r in q] == TEXTS and all(0 <= r["score"] <= 1 for r in q)
 
 
@@ -121,7 +114,7 @@ def test_slot_runs_export_to_onnx(task, tmp_path, tmp_path_factory):
     for check in outputs.values():
         assert check["top1_agreement"] == 1.0 and check["max_abs_logit_diff"] < 1e-4 and check["compared"] > 0
     queries = ["red nike walking shoes size 10", "track my rain jacket order", "wool socks"]
-    _same_predictions(ExportedRun(tmp_path / "onnx").predict(queries), LoadedRun(run, merge=False).predict(queries))
+    _same_predictions(LoadedRun(tmp_path / "onnx").predict(queries), LoadedRun(run, merge=False).predict(queries))
 
 
 def test_text_pairs_and_models_without_token_type_ids(tmp_path, tiny_models):
@@ -146,7 +139,7 @@ def test_text_pairs_and_models_without_token_type_ids(tmp_path, tiny_models):
         check = info["verification"]["outputs"]["logits"]
         assert info["verification"]["num_queries"] == 8 and check["top1_agreement"] == 1.0
         assert check["max_abs_logit_diff"] < 1e-4
-        exported, reference = ExportedRun(tmp_path / arch / "onnx"), LoadedRun(run)
+        exported, reference = LoadedRun(tmp_path / arch / "onnx"), LoadedRun(run)
         pairs = ["red shoes", "red tent"]
         np.testing.assert_allclose(exported.logits(["cheap shoes"] * 2, pairs), reference.logits(["cheap shoes"] * 2,
                                    pairs), atol=1e-4)  # fmt: skip
@@ -158,7 +151,7 @@ def test_unmergeable_method_is_exported_unmerged_with_a_reason(tmp_path, tiny_be
     assert info["merged"] is False and "cannot be merged" in info["merge_note"]
     assert (tmp_path / "merged" / "adapter_model.safetensors").is_file()
     assert info["verification"]["outputs"]["logits"]["top1_agreement"] == 1.0
-    _same_predictions(ExportedRun(tmp_path / "merged").predict(TEXTS), LoadedRun(run).predict(TEXTS))
+    _same_predictions(LoadedRun(tmp_path / "merged").predict(TEXTS), LoadedRun(run).predict(TEXTS))
     onnx_info = export_run(run, fmt="onnx", output_dir=tmp_path / "onnx")
     assert onnx_info["merged"] is False and onnx_info["verification"]["outputs"]["logits"]["top1_agreement"] == 1.0
 
@@ -174,11 +167,11 @@ def test_a_half_written_export_never_looks_finished(lora_run, tmp_path, monkeypa
         export_run(lora_run, fmt="onnx", output_dir=out)
     assert (out / ONNX_FILE).is_file() and not (out / EXPORT_MARKER).exists()
     with pytest.raises(ExportError, match="not a finished querytune export"):
-        ExportedRun(out)
-    assert isinstance(load_for_serving(lora_run), LoadedRun)  # a run dir still loads as a run
+        LoadedRun(out)
+    assert not load_run(lora_run).is_export  # a run dir still loads as a run
     monkeypatch.undo()
     export_run(lora_run, fmt="onnx", output_dir=out)  # the partial directory is replaced without --overwrite
-    assert isinstance(load_for_serving(out), ExportedRun)
+    assert load_run(out).is_export
 
 
 def test_export_errors_exit_2_and_name_the_problem(lora_run, tmp_path, capsys):
@@ -207,7 +200,7 @@ def test_export_errors_exit_2_and_name_the_problem(lora_run, tmp_path, capsys):
 
 def test_rerank_cross_encoder_exports_its_pairs(tmp_path, ranking_bert, ranking_data):  # noqa: F811
     """A rerank run (one score per (query, document) pair) exports and verifies on its held-out pairs."""
-    from querytune.tasks.ranking import score_pairs
+    from querytune.tasks.ranking.common import score_pairs
 
     from .test_ranking import ranking_experiment
 
@@ -219,7 +212,7 @@ def test_rerank_cross_encoder_exports_its_pairs(tmp_path, ranking_bert, ranking_
     check = info["verification"]["outputs"]["logits"]
     assert check["compared_unit"] == "best document per query" and check["compared"] > 0
     assert check["top1_agreement"] == 1.0 and check["max_abs_logit_diff"] < 1e-4
-    exported, reference = ExportedRun(tmp_path / "onnx"), LoadedRun(run, merge=False)
+    exported, reference = LoadedRun(tmp_path / "onnx"), LoadedRun(run, merge=False)
     pairs = (["red shoes", "red shoes", "blue tent"], ["red shoes set", "blue lamp", "blue tent pack"])
     np.testing.assert_allclose(score_pairs(exported.model, exported.tokenizer, *pairs, max_length=32),
                                score_pairs(reference.model, reference.tokenizer, *pairs, max_length=32), atol=1e-4)  # fmt: skip

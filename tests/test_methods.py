@@ -8,13 +8,14 @@ from transformers import AutoModelForSequenceClassification
 
 from querytune.config import MethodArguments, load_config
 from querytune.inference import LoadedRun
-from querytune.methods import MERGEABLE, MethodContext, apply_method
+from querytune.methods import get_method, method_names
+from querytune.methods.builders import MethodContext, apply_method
 from querytune.models import load_pretrained
 from querytune.train import run
 
 from .conftest import ARCHITECTURES, tiny_experiment
 
-METHODS = ["full", "freeze", "lora", "adalora", "ia3", "prefix", "prompt", "adapter"]
+METHODS = method_names()  # every registered method
 TEXTS = ["where is my order 12", "cheap red shoes size 9", "return my laptop", "store near 60"]
 
 # Prefix tuning builds past_key_values per layer; these architectures' attention does not take them.
@@ -62,7 +63,7 @@ def test_frozen_weights_stay_and_method_weights_move(tiny_models, arch, method):
     assert changed <= trainable, f"frozen weights moved: {sorted(changed - trainable)[:5]}"
     head = {n for n in changed if "classifier" in n}
     assert head, "the classification head did not train"
-    if method not in ("full", "freeze"):
+    if get_method(method).peft:
         body = changed - head
         assert body, f"{method}: no method weight changed"
     if method == "freeze":
@@ -86,14 +87,14 @@ def test_save_reload_identical_logits(tmp_path, tiny_models, tiny_data, arch, me
     got = reloaded.logits(TEXTS)
     assert got.shape == expected.shape
     assert abs(got - expected).max() < 1e-5
-    if method in MERGEABLE:
+    if get_method(method).mergeable:
         merged = LoadedRun(result.output_dir, merge=True)
         assert abs(merged.logits(TEXTS) - expected).max() < 1e-4
 
 
 def test_adalora_budget_schedule_really_runs(tmp_path, tiny_bert, tiny_data):
     """Trainer never calls update_and_allocate; our callback must, or the rank never shrinks (NOTES.md)."""
-    from querytune.methods import AdaLoraBudgetCallback
+    from querytune.methods.builders import AdaLoraBudgetCallback
 
     exp = tiny_experiment(tmp_path, tiny_bert, tiny_data, method="adalora", max_steps=24, adalora_init_r=6,
                           adalora_target_r=2, adalora_tinit=4, adalora_tfinal=6, adalora_delta_t=2,

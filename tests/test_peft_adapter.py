@@ -31,8 +31,8 @@ from transformers import (
     RobertaConfig,
 )
 
-import querytune.peft_adapter as pa
-from querytune.peft_adapter import (
+import querytune.methods.bottleneck as pa
+from querytune.methods.bottleneck import (
     DEFAULT_TARGET_MODULES,
     BottleneckConfig,
     BottleneckLayer,
@@ -228,9 +228,9 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
         batch = torch.load(case["batch"])
         with torch.no_grad():
             torch.save(model(**batch).logits, case["out"])
-    import querytune.peft_adapter as pa
+    import querytune.methods.bottleneck as pa
     importlib.reload(pa)  # re-registration must be idempotent
-    import querytune.peft_adapter  # noqa: F401  (second import)
+    import querytune.methods.bottleneck  # noqa: F401  (second import)
     assert type(PeftConfig.from_pretrained(case["adapter"])).__name__ == "BottleneckConfig"
     """
 )

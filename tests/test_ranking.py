@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from querytune.config import ConfigError, DataArguments, load_config
-from querytune.data import DataError
+from querytune.config import ConfigError, load_config
+from querytune.data import DataError, split_groups
+from querytune.methods import method_names
 from querytune.metrics import load_metric
-from querytune.ranking_data import assign_split, load_ranking_data, query_bucket, sample_queries
-from querytune.tasks.ranking import encode_pairs
+from querytune.tasks.ranking.common import encode_pairs
+from querytune.tasks.ranking.data import load_ranking_data, query_bucket, sample_queries
 
-from .conftest import REPO, SHARED_DATA, build_tiny_checkpoint, tiny_experiment, write_jsonl
+from .conftest import REPO, SHARED_DATA, build_tiny_checkpoint, data_sections, tiny_experiment, write_jsonl
 
 NAN = float("nan")
 COLOURS = ["red", "blue", "green", "black", "white", "steel", "oak", "brass"]
@@ -107,18 +108,20 @@ def test_queries_without_relevant_items_are_left_out_and_counted():
 
 
 # --- query-grouped splits
-def _args(data: Path, **kw) -> DataArguments:
-    return DataArguments(task="rerank", dataset_name=str(data), **COLUMNS, **kw)
+def _args(data: Path, **kw) -> tuple:
+    return data_sections(task="rerank", dataset_name=str(data), **COLUMNS, **kw)
 
 
 def test_split_by_query_has_no_leakage_and_follows_the_written_rule(ranking_data):
-    loaded = load_ranking_data(_args(ranking_data, ranking_test_percentage=25.0, validation_split_percentage=25.0), 0)
+    loaded = load_ranking_data(*_args(ranking_data, ranking_test_percentage=25.0, validation_split_percentage=25.0), 0)
     queries = {role: set(ds["query_id"]) for role, ds in loaded.splits.items()}
     assert queries["train"] and queries["validation"] and queries["test"]
     assert not (queries["train"] & queries["test"]) and not (queries["train"] & queries["validation"])
     assert not (queries["validation"] & queries["test"])
     for role, qs in queries.items():
-        assert all(assign_split(q, 0, 25.0, 25.0) == role for q in qs)
+        assert all(split_groups([q], 25.0, 25.0, 0)[q] == role for q in qs)
+        # the written rule: md5 bucket below 25 is test, below 50 validation
+        assert all((query_bucket(q) < 25) == (role == "test") for q in qs)
     # Every judged pair of a query lands in the query's split.
     n_rows = sum(len(ds) for ds in loaded.splits.values())
     assert n_rows == len(ranking_rows(60, 0))
@@ -131,8 +134,8 @@ def test_split_by_query_has_no_leakage_and_follows_the_written_rule(ranking_data
 
 
 def test_split_seed_changes_the_split(ranking_data):
-    a = load_ranking_data(_args(ranking_data, ranking_test_percentage=25.0, validation_split_percentage=25.0), 0)
-    b = load_ranking_data(_args(ranking_data, ranking_test_percentage=25.0, validation_split_percentage=25.0,
+    a = load_ranking_data(*_args(ranking_data, ranking_test_percentage=25.0, validation_split_percentage=25.0), 0)
+    b = load_ranking_data(*_args(ranking_data, ranking_test_percentage=25.0, validation_split_percentage=25.0,
                                 ranking_split_seed=1), 0)  # fmt: skip
     assert set(a.splits["test"]["query_id"]) != set(b.splits["test"]["query_id"])
 
@@ -143,12 +146,12 @@ def test_given_splits_that_share_a_query_are_an_error(tmp_path):
     write_jsonl(tmp_path / "validation.jsonl", rows[:3])
     write_jsonl(tmp_path / "test.jsonl", ranking_rows(5, 9))
     with pytest.raises(DataError, match="is in both the 'train' and 'validation' splits"):
-        load_ranking_data(_args(tmp_path), 0)
+        load_ranking_data(*_args(tmp_path), 0)
 
 
 def test_sampling_queries_keeps_whole_queries(ranking_data):
-    full = load_ranking_data(_args(ranking_data), 0).splits["train"].to_pandas()
-    train = load_ranking_data(_args(ranking_data, max_train_queries=5), 0).splits["train"].to_pandas()
+    full = load_ranking_data(*_args(ranking_data), 0).splits["train"].to_pandas()
+    train = load_ranking_data(*_args(ranking_data, max_train_queries=5), 0).splits["train"].to_pandas()
     assert train["query_id"].nunique() == 5
     sizes = full.groupby("query_id").size()
     assert (train.groupby("query_id").size() == sizes[train["query_id"].unique()].sort_index()).all()
@@ -170,7 +173,7 @@ def test_bad_data_names_the_column(tmp_path, column, message):
             del r[column]
     write_jsonl(tmp_path / "train.jsonl", rows)
     with pytest.raises(DataError, match=message):
-        load_ranking_data(_args(tmp_path), 0)
+        load_ranking_data(*_args(tmp_path), 0)
 
 
 def test_latin1_csv_needs_and_takes_csv_encoding(tmp_path):
@@ -180,8 +183,8 @@ def test_latin1_csv_needs_and_takes_csv_encoding(tmp_path):
     ]
     (tmp_path / "train.csv").write_bytes("\n".join(lines).encode("latin-1"))
     with pytest.raises(DataError, match="csv_encoding"):
-        load_ranking_data(_args(tmp_path), 0)
-    loaded = load_ranking_data(_args(tmp_path, csv_encoding="latin-1", ranking_test_percentage=30.0,
+        load_ranking_data(*_args(tmp_path), 0)
+    loaded = load_ranking_data(*_args(tmp_path, csv_encoding="latin-1", ranking_test_percentage=30.0,
                                      validation_split_percentage=30.0), 0)  # fmt: skip
     assert "Café Table in Oak" in loaded.catalogue.values()
 
@@ -229,7 +232,7 @@ def test_over_long_query_keeps_half_and_the_document_keeps_the_rest(ranking_bert
 
 
 # --- training, save -> reload, predict
-RERANK_METHODS = ["full", "freeze", "lora", "adalora", "ia3", "prefix", "prompt", "adapter"]
+RERANK_METHODS = method_names()
 PAIRS = (["red shoes", "red shoes", "oak lamp"], ["red shoes set", "blue tent pack", "oak lamp"])
 
 
@@ -242,7 +245,7 @@ def _train(tmp_path, model, data, task, **overrides):
 @pytest.mark.parametrize("method", RERANK_METHODS)
 def test_rerank_save_reload_identical_scores(tmp_path, ranking_bert, ranking_data, method):
     from querytune.inference import LoadedRun
-    from querytune.tasks.ranking import score_pairs
+    from querytune.tasks.ranking.common import score_pairs
 
     extra = {"adalora_tinit": 0, "adalora_tfinal": 0} if method == "adalora" else {}
     result = _train(tmp_path, ranking_bert, ranking_data, "rerank", method=method, **extra)
@@ -261,7 +264,7 @@ def test_rerank_save_reload_identical_scores(tmp_path, ranking_bert, ranking_dat
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_retrieval_save_reload_identical_embeddings(tmp_path, ranking_bert, ranking_data, method):
     from querytune.inference import LoadedRun
-    from querytune.tasks.ranking import embed_texts
+    from querytune.tasks.ranking.retrieval import embed_texts
 
     result = _train(tmp_path, ranking_bert, ranking_data, "retrieval", method=method)
     for key in ("test_ndcg@10", "test_mrr@10", "test_recall@10", "test_recall@20", "eval_loss"):
@@ -285,7 +288,7 @@ def test_rerank_learns_the_toy_relevance(tmp_path, ranking_bert, ranking_data):
 
 
 def test_binary_objective_trains_with_bce(tmp_path, ranking_bert, ranking_data):
-    from querytune.tasks.ranking import RerankTrainer
+    from querytune.tasks.ranking.rerank import RerankTrainer
 
     result = _train(tmp_path, ranking_bert, ranking_data, "rerank", rerank_objective="binary")
     assert isinstance(result.trainer, RerankTrainer) and result.trainer.objective == "binary"
@@ -301,7 +304,7 @@ def _toy_split():
 
 
 def test_sampled_negatives_are_unjudged_and_take_the_hard_share():
-    from querytune.tasks.ranking import sample_negatives
+    from querytune.tasks.ranking.rerank import sample_negatives
 
     catalogue = {d: d.upper() for d in "abcdefghijklmnopqrst"}
     hits = {"q1": ["a", "d", "e", "f"], "q2": ["c", "g"]}  # a is judged for q1, c for q2
@@ -323,7 +326,7 @@ def test_sampled_negatives_are_unjudged_and_take_the_hard_share():
 
 
 def test_sampled_negatives_stop_when_the_catalogue_runs_out():
-    from querytune.tasks.ranking import sample_negatives
+    from querytune.tasks.ranking.rerank import sample_negatives
 
     out = sample_negatives(_toy_split(), {"a": "A", "b": "B", "c": "C", "z": "Z"}, n=5, label=1.0, seed=0)
     neg = out.to_pandas().iloc[3:]
@@ -332,7 +335,7 @@ def test_sampled_negatives_stop_when_the_catalogue_runs_out():
 
 
 def test_query_group_sampler_keeps_queries_together_and_reshuffles():
-    from querytune.tasks.ranking import QueryGroupSampler
+    from querytune.tasks.ranking.rerank import QueryGroupSampler
 
     query_ids = [0, 1, 0, 2, 1, 2, 2, 0, 3]
     sampler = QueryGroupSampler(query_ids, seed=0)
@@ -347,7 +350,7 @@ def test_query_group_sampler_keeps_queries_together_and_reshuffles():
 
 
 def test_listwise_loss_by_hand():
-    from querytune.tasks.ranking import listwise_loss
+    from querytune.tasks.ranking.rerank import listwise_loss
 
     scores = torch.tensor([2.0, 0.0, 1.0, 5.0, 3.0], requires_grad=True)
     gains = torch.tensor([2.0, 0.0, 1.0, 0.0, 0.0])  # q0 has gains 2, 0 (q0) and 1; q1 has no gain
@@ -365,14 +368,14 @@ def test_listwise_loss_by_hand():
 @pytest.mark.parametrize("objective", ["graded", "listwise"])
 def test_rerank_with_negatives_learns_the_toy_relevance(tmp_path, ranking_bert, ranking_data, objective):
     """Sampled negatives join train and validation (not test); both new objectives train the ranking."""
-    from querytune.tasks.ranking import QueryGroupSampler
+    from querytune.tasks.ranking.rerank import QueryGroupSampler
 
     result = _train(tmp_path, ranking_bert, ranking_data, "rerank", max_steps=60, learning_rate=3e-3,
                     rerank_objective=objective, rerank_negatives=2, rerank_negative_source="mixed")  # fmt: skip
     trainer = result.trainer
     assert trainer.objective == objective
     config = load_config(result.output_dir / "querytune_config.yaml")
-    judged = load_ranking_data(config.data, config.training.seed).splits
+    judged = load_ranking_data(config.data, config.task_args, config.training.seed).splits
     for role, dataset in (("train", trainer.train_dataset), ("validation", trainer.eval_dataset)):
         n_queries = len(set(judged[role]["query_id"]))
         assert len(dataset) == len(judged[role]) + 2 * n_queries, role
@@ -386,7 +389,7 @@ def test_retrieval_loss_masks_other_positives_of_the_same_query(ranking_bert):
     """Two relevant documents of one query in a batch: neither is the other's negative."""
     from transformers import AutoModel, AutoTokenizer
 
-    from querytune.tasks.ranking import RetrievalTrainer, embed_batch
+    from querytune.tasks.ranking.retrieval import RetrievalTrainer, embed_batch
 
     model = AutoModel.from_pretrained(str(ranking_bert))
     tok = AutoTokenizer.from_pretrained(str(ranking_bert))
@@ -470,7 +473,8 @@ def test_minilm_on_a_home_depot_slice(tmp_path):
     import pandas as pd
     from sklearn.metrics import roc_auc_score
 
-    from querytune.tasks.ranking import sample_negatives, score_pairs
+    from querytune.tasks.ranking.common import score_pairs
+    from querytune.tasks.ranking.rerank import sample_negatives
     from querytune.train import run
 
     df = pd.read_csv(SHARED_DATA / "homedepot/train.csv", encoding="latin-1")
@@ -484,7 +488,7 @@ def test_minilm_on_a_home_depot_slice(tmp_path):
     assert m["test_num_queries"] >= 20 and 0.0 < m["test_ndcg@10"] <= 1.0
     assert rerank.trainer.objective == "graded" and "test_rmse" not in m
     config = load_config(rerank.output_dir / "querytune_config.yaml")
-    data = load_ranking_data(config.data, config.training.seed)
+    data = load_ranking_data(config.data, config.task_args, config.training.seed)
     relevant = data.splits["test"].filter(lambda r: r["label"] >= 2.5)
     pairs = sample_negatives(relevant, data.catalogue, n=3, label=0.0, seed=0).to_pandas()
     scores = score_pairs(rerank.model, rerank.tokenizer, pairs["query"].tolist(), pairs["document"].tolist(), 64)

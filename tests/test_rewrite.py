@@ -117,7 +117,7 @@ def write_mimics(path: Path) -> Path:
 
 
 def test_mimics_options_filtered_by_quality_labels_and_merged_per_query(tmp_path):
-    from querytune.rewrite_data import detect_format, load_mimics
+    from querytune.tasks.rewrite.data import detect_format, load_mimics
 
     path = write_mimics(tmp_path / "MIMICS-Manual.tsv")
     assert detect_format(tmp_path) == "mimics"
@@ -138,7 +138,7 @@ def test_mimics_options_filtered_by_quality_labels_and_merged_per_query(tmp_path
 
 def test_mimics_bad_file_names_the_column(tmp_path):
     from querytune.data import DataError
-    from querytune.rewrite_data import load_mimics
+    from querytune.tasks.rewrite.data import load_mimics
 
     (tmp_path / "m.tsv").write_text("query\toption_1\nx\ty\n")
     with pytest.raises(DataError, match=r"m.tsv: missing MIMICS column.*option_2"):
@@ -146,7 +146,7 @@ def test_mimics_bad_file_names_the_column(tmp_path):
 
 
 def test_cast_and_canard_loaders(tmp_path):
-    from querytune.rewrite_data import detect_format, load_canard, load_trec_cast
+    from querytune.tasks.rewrite.data import detect_format, load_canard, load_trec_cast
 
     cast = tmp_path / "cast"
     cast.mkdir()
@@ -179,7 +179,7 @@ def test_cast_and_canard_loaders(tmp_path):
 
 
 def test_group_split_never_puts_a_conversation_in_two_splits():
-    from querytune.rewrite_data import group_split
+    from querytune.tasks.rewrite.data import group_split
 
     rows = [
         {"group": f"conv{g}", "query": f"q{g}-{t}", "context": [], "targets": ["x"]}
@@ -197,7 +197,7 @@ def test_group_split_never_puts_a_conversation_in_two_splits():
 
 
 def test_context_is_cut_oldest_turn_first_and_the_query_is_kept():
-    from querytune.rewrite_data import fit_context
+    from querytune.tasks.rewrite.prompts import fit_context
 
     template = "{context}Query: {query}\nRewrite:"
     turns = ["one alpha", "two beta", "three gamma", "four delta"]
@@ -225,7 +225,7 @@ def test_context_is_cut_oldest_turn_first_and_the_query_is_kept():
 
 
 def test_candidates_are_deduplicated_and_never_repeat_the_query():
-    from querytune.rewrite_data import clean_candidates, training_pairs
+    from querytune.tasks.rewrite.prompts import clean_candidates, training_pairs
 
     got = clean_candidates(["Is it treatable?", "is throat cancer treatable?", "Is throat  cancer treatable?", "",
                             "throat cancer cure", "more"], "is it treatable?", k=2)  # fmt: skip
@@ -237,11 +237,11 @@ def test_candidates_are_deduplicated_and_never_repeat_the_query():
 
 def test_columns_format_errors_name_the_column(tmp_path, conv_data):
     from querytune.data import DataError
-    from querytune.rewrite_data import load_rows
+    from querytune.tasks.rewrite.data import load_rows
 
     cfg = load(rewrite_experiment(tmp_path, tmp_path, conv_data, rewrite_target_column="rewrite"))
     with pytest.raises(DataError, match=r"no column 'rewrite'.*rewrite_target_column"):
-        load_rows(cfg.data)
+        load_rows(cfg.data, cfg.task_args)
 
 
 # --- metrics
@@ -283,7 +283,7 @@ def test_config_errors_name_the_key(tmp_path, conv_data):
 
 @pytest.mark.parametrize("method", ["freeze", "adapter"])
 def test_unsupported_methods_fail_clearly(tmp_path, tiny_gen_models, conv_data, method):
-    from querytune.tasks.rewrite import RewriteTask
+    from querytune.tasks.rewrite.task import RewriteTask
 
     cfg = load(rewrite_experiment(tmp_path, tiny_gen_models["llama"], conv_data, method=method))
     with pytest.raises(ValueError, match=f"task 'rewrite' supports methods .*{method!r}"):
@@ -291,7 +291,7 @@ def test_unsupported_methods_fail_clearly(tmp_path, tiny_gen_models, conv_data, 
 
 
 def test_prefix_on_an_encoder_decoder_warm_start_fails_before_loading(tmp_path, conv_data):
-    from querytune.tasks.rewrite import RewriteTask
+    from querytune.tasks.rewrite.task import RewriteTask
 
     cfg = load(rewrite_experiment(tmp_path, tmp_path / "nowhere", conv_data, method="prefix",
                                   rewrite_warm_start_decoder=str(tmp_path / "nowhere")))  # fmt: skip
@@ -315,7 +315,7 @@ def test_smollm2_name_resolves_offline_and_hub_names_pass_through():
 def test_causal_labels_mask_the_prompt(tmp_path, tiny_gen_models, conv_data):
     from transformers import AutoTokenizer
 
-    from querytune.tasks.rewrite import RewriteTask
+    from querytune.tasks.rewrite.task import RewriteTask
 
     cfg = load(rewrite_experiment(tmp_path, tiny_gen_models["llama"], conv_data, rewrite_max_target_length=16))
     task = RewriteTask(cfg)
@@ -340,7 +340,7 @@ def test_causal_labels_mask_the_prompt(tmp_path, tiny_gen_models, conv_data):
 def test_seq2seq_labels_are_the_target(tmp_path, tiny_gen_models, conv_data):
     from transformers import AutoTokenizer
 
-    from querytune.tasks.rewrite import RewriteTask
+    from querytune.tasks.rewrite.task import RewriteTask
 
     task = RewriteTask(load(rewrite_experiment(tmp_path, tiny_gen_models["t5"], conv_data)))
     assert task.encoder_decoder and task.peft_task_type.value == "SEQ_2_SEQ_LM"
@@ -404,7 +404,7 @@ def test_seq2seq_predict_with_generate_scores_during_training(tmp_path, tiny_gen
 
 
 def test_predict_with_generate_on_a_causal_lm_is_an_error(tmp_path, tiny_gen_models, conv_data):
-    from querytune.tasks.rewrite import RewriteTask
+    from querytune.tasks.rewrite.task import RewriteTask
 
     with pytest.raises(ValueError, match="predict_with_generate: true is for encoder-decoder"):
         RewriteTask(
@@ -415,7 +415,7 @@ def test_predict_with_generate_on_a_causal_lm_is_an_error(tmp_path, tiny_gen_mod
 # --- real data and the real model (skipped where absent)
 @pytest.mark.integration
 def test_real_corpora_load_and_split_without_leakage():
-    from querytune.rewrite_data import group_split, load_canard, load_mimics, load_trec_cast
+    from querytune.tasks.rewrite.data import group_split, load_canard, load_mimics, load_trec_cast
 
     if not (SHARED_DATA / "trec_cast").is_dir():
         pytest.skip("../shared/data is absent")

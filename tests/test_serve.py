@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from querytune.cli import main
-from querytune.export import export_run
 from querytune.inference import LoadedRun
+from querytune.serving.export import export_run
 
 from .conftest import REPO, build_tiny_checkpoint, tiny_experiment, write_jsonl
 from .test_ranking import ranking_bert, ranking_data  # noqa: F401  (fixtures: the tiny ranking corpus and model)

@@ -14,13 +14,12 @@ import pytest
 import torch
 
 from querytune.cli import main
-from querytune.config import ConfigError, DataArguments, load_config
+from querytune.config import ConfigError, load_config
 from querytune.data import DataError
 from querytune.inference import LoadedRun
-from querytune.methods import MERGEABLE
+from querytune.methods import get_method, method_names
 from querytune.metrics import load_metric
-from querytune.slot_data import load_tagging_eval_split, load_tagging_splits
-from querytune.tagging import (
+from querytune.tasks.slots.bio import (
     align_labels,
     b_to_i_map,
     encode_words,
@@ -31,10 +30,11 @@ from querytune.tagging import (
     tag_vocabulary,
     word_ids_from_offsets,
 )
-from querytune.tasks.slots import SlotsTask
+from querytune.tasks.slots.data import load_tagging_eval_split, load_tagging_splits
+from querytune.tasks.slots.task import SlotsTask
 from querytune.train import run
 
-from .conftest import SHARED_DATA, build_tiny_checkpoint, tiny_experiment, write_jsonl
+from .conftest import SHARED_DATA, build_tiny_checkpoint, data_sections, tiny_experiment, write_jsonl
 
 # --- a tiny e-commerce slot corpus: words, BIO tags and an intent per query
 COLORS = ["red", "blue", "green", "black"]
@@ -198,12 +198,15 @@ def test_prompt_default_length_matches_the_method(slot_bert):
     from transformers import AutoModelForTokenClassification
 
     from querytune.config import MethodArguments
-    from querytune.methods import MethodContext, apply_method
-    from querytune.tasks.slots import PROMPT_DEFAULT_TOKENS
+    from querytune.methods.builders import MethodContext, apply_method
 
     model = AutoModelForTokenClassification.from_pretrained(str(slot_bert), num_labels=3)
     built = apply_method(model, MethodArguments(method="prompt"), MethodContext(task_type=peft.TaskType.TOKEN_CLS))
-    assert built.peft_config["default"].num_virtual_tokens == PROMPT_DEFAULT_TOKENS
+    assert (
+        built.peft_config["default"].num_virtual_tokens
+        == get_method("prompt").num_virtual_tokens(MethodArguments(method="prompt"))
+        == 20
+    )
 
 
 # --- BIO validation and the label map
@@ -221,23 +224,23 @@ def test_repair_warns_with_a_count_and_bad_tags_name_tag_and_split(tmp_path, cap
             {"tokens": ["nike"], "tags": ["B-brand"], "intent": "b"}] * 3  # fmt: skip
     write_jsonl(tmp_path / "train.jsonl", rows)
     write_jsonl(tmp_path / "validation.jsonl", [{"tokens": ["red"], "tags": ["B-colour"], "intent": "a"}])
-    args = DataArguments(task="slots", dataset_name=str(tmp_path), label_column="intent")
+    data, args = data_sections(task="slots", dataset_name=str(tmp_path), label_column="intent")
     with pytest.raises(DataError, match=r"split 'validation' has tag\(s\) \['B-colour'\] in column 'tags'"):
-        load_tagging_splits(args, seed=0, with_intent=False)
+        load_tagging_splits(data, args, seed=0, with_intent=False)
     assert "split 'train': repaired 3 I- tags in 3 examples" in caplog.text
 
     write_jsonl(tmp_path / "validation.jsonl", [{"tokens": ["red"], "tags": ["S-color"], "intent": "a"}])
     with pytest.raises(DataError, match=r"split 'validation' row 0 has tag 'S-color' .* not BIO"):
-        load_tagging_splits(args, seed=0, with_intent=False)
+        load_tagging_splits(data, args, seed=0, with_intent=False)
     write_jsonl(tmp_path / "validation.jsonl", [{"tokens": ["red", "x"], "tags": ["B-color"], "intent": "a"}])
     with pytest.raises(DataError, match=r"row 0 has 2 words in 'tokens' but 1 tags in 'tags'"):
-        load_tagging_splits(args, seed=0, with_intent=False)
+        load_tagging_splits(data, args, seed=0, with_intent=False)
     write_jsonl(tmp_path / "validation.jsonl", [{"tokens": ["red"], "tags": ["B-color"], "intent": "zzz"}])
     with pytest.raises(DataError, match=r"split 'validation' has label\(s\) \['zzz'\]"):
-        load_tagging_splits(args, seed=0, with_intent=True)
+        load_tagging_splits(data, args, seed=0, with_intent=True)
     with pytest.raises(DataError, match=r"has tag\(s\) \['B-colour'\]"):
         write_jsonl(tmp_path / "test.jsonl", [{"tokens": ["red"], "tags": ["B-colour"], "intent": "a"}])
-        load_tagging_eval_split(args, "test", ["O", "B-color", "I-color"], None)
+        load_tagging_eval_split(data, args, "test", ["O", "B-color", "I-color"], None)
 
 
 def test_classlabel_tags_keep_their_order_and_spaced_strings_work(tmp_path):
@@ -246,12 +249,14 @@ def test_classlabel_tags_keep_their_order_and_spaced_strings_work(tmp_path):
                                   "tags": datasets.Sequence(datasets.ClassLabel(names=names))})  # fmt: skip
     ds = datasets.Dataset.from_dict({"tokens": [["nike", "10"]] * 10, "tags": [[3, 1]] * 10}, features=features)
     ds.to_parquet(tmp_path / "train.parquet")
-    tagged = load_tagging_splits(DataArguments(task="slots", train_file=str(tmp_path / "train.parquet")), 0, False)
+    tagged = load_tagging_splits(*data_sections(task="slots", train_file=str(tmp_path / "train.parquet")), 0, False)
     assert tagged.tags == names
     assert tagged.splits["train"][0]["tags"] == ["B-brand", "B-size"]
     write_jsonl(tmp_path / "s" / "train.jsonl", [{"words": "red nike", "bio": "B-color B-brand"}] * 10)
-    args = DataArguments(task="slots", dataset_name=str(tmp_path / "s"), tokens_column="words", tags_column="bio")
-    tagged = load_tagging_splits(args, 0, False)
+    data, args = data_sections(
+        task="slots", dataset_name=str(tmp_path / "s"), tokens_column="words", tags_column="bio"
+    )
+    tagged = load_tagging_splits(data, args, 0, False)
     assert tagged.tags == ["O", "B-brand", "B-color", "I-brand", "I-color"]
     assert tagged.splits["train"][0]["words"] == ["red", "nike"]
 
@@ -305,7 +310,7 @@ def test_metric_strict_mode_drops_spans_that_open_with_i():
 
 
 # --- every method: train 2 steps, save, reload, identical logits
-METHODS = ["full", "freeze", "lora", "adalora", "ia3", "prefix", "prompt", "adapter"]
+METHODS = method_names()
 
 
 def _outputs(model, tokenizer, task, texts=TEXTS):
@@ -333,7 +338,7 @@ def test_save_reload_identical_logits(tmp_path, slot_bert, slot_data, task, meth
     expected = _outputs(result.model, result.tokenizer, loaded.task)
     assert all(np.isfinite(o.slot_logits).all() for o in expected)
     _assert_same(loaded.task.infer(loaded, [split_words(t)[0] for t in TEXTS]), expected, 1e-5)
-    if method in MERGEABLE:
+    if get_method(method).mergeable:
         merged = LoadedRun(result.output_dir, merge=True)
         _assert_same(merged.task.infer(merged, [split_words(t)[0] for t in TEXTS]), expected, 1e-4)
     metrics = json.loads((result.output_dir / "all_results.json").read_text())
@@ -433,8 +438,8 @@ def test_eval_cli_reproduces_the_training_test_scores(trained_run, slot_data, ca
 # --- the joint model on every architecture, and the methods PEFT cannot apply
 @pytest.mark.parametrize("arch", ["bert", "roberta", "mpnet", "deberta-v2"])
 def test_joint_model_loads_from_every_encoder_and_round_trips(tmp_path, tiny_models, arch):
-    from querytune.joint_model import AutoModelForIntentAndSlots
     from querytune.models import load_pretrained
+    from querytune.tasks.slots.joint_model import AutoModelForIntentAndSlots
 
     model, new = load_pretrained(AutoModelForIntentAndSlots, str(tiny_models[arch]), num_labels=3,
                                  intent_labels=["a", "b"])  # fmt: skip

@@ -1,7 +1,8 @@
-"""querytune: fine-tune pretrained language models for search-query understanding."""
+"""querytune: fine-tune pretrained language models for search-query understanding.
+
+Importing the package is cheap (no torch, transformers or peft): the command line answers `--help` at once, and
+the heavy libraries load only where a run is built or loaded. Users of plain PEFT who load a bottleneck-adapter
+run without querytune's loaders call `querytune.methods.register_bottleneck()` first.
+"""
 
 __version__ = "0.1.0"
-
-# Registers the bottleneck adapter type with PEFT, so that a saved adapter folder loads with plain
-# `peft.PeftModel.from_pretrained` in any process that has imported querytune.
-from querytune import peft_adapter as _peft_adapter  # noqa: E402, F401

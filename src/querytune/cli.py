@@ -16,26 +16,10 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-from querytune.config import ConfigError
-from querytune.data import DataError
-from querytune.hub import PushError
-from querytune.models import ModelError
-from querytune.runs import RunError, write_json_atomic
-
-# Errors whose message says all the user needs; anything else keeps its traceback.
-USER_ERRORS = (ConfigError, DataError, ModelError, RunError, PushError, FileNotFoundError, ValueError)
-
-
-def run_guarded(fn: Callable[[], int] | Callable[[list[str] | None], int], *a) -> int:
-    """Run a command; a user error prints one clear line and exits 2 instead of a traceback."""
-    try:
-        return fn(*a)
-    except USER_ERRORS as err:
-        print(f"querytune: error: {err}", file=sys.stderr)
-        return 2
+from querytune.errors import ConfigError, RunError, run_guarded
+from querytune.runs import write_json_atomic
 
 
 def _read_queries(args: argparse.Namespace) -> list[str]:
@@ -58,15 +42,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     candidates = _read_candidates(args)
     queries = _read_queries(args)
     loaded = LoadedRun(args.run_dir, merge=not args.no_merge)
-    if loaded.config.data.task in ("rerank", "retrieval"):
-        # rerank: the candidates ranked (all unless --top_k); retrieval: the top 10 of the catalogue by default.
-        top_k = args.top_k if args.top_k is not None else (0 if loaded.config.data.task == "rerank" else 10)
-        results = loaded.task.predict(loaded, queries, top_k=top_k, batch_size=args.batch_size,
-                                      candidates=candidates, catalogue=args.catalogue)  # fmt: skip
-    elif candidates or args.catalogue:
-        raise ValueError("--candidates / --candidates_file / --catalogue are for rerank and retrieval runs")
-    else:
-        results = loaded.predict(queries, top_k=3 if args.top_k is None else args.top_k, batch_size=args.batch_size)
+    given = {name: value for name, value in (("candidates", candidates), ("catalogue", args.catalogue)) if value}
+    unused = [name for name in given if name not in loaded.task.request_inputs]
+    if unused:
+        flags = " / ".join(f"--{n}" + (" / --candidates_file" if n == "candidates" else "") for n in unused)
+        raise ValueError(f"{flags}: not used by a {loaded.config.data.task} run")
+    results = loaded.predict(queries, top_k=args.top_k, batch_size=args.batch_size, **given)
     for result in results:
         print(json.dumps(result, ensure_ascii=False))
     return 0
@@ -91,9 +72,11 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
 
     from querytune.config import DataArguments, load_config
     from querytune.inference import LoadedRun
+    from querytune.tasks import arguments_of
 
     loaded = LoadedRun(args.run_dir, merge=not args.no_merge)
-    data_keys = {f.name for f in dataclasses.fields(DataArguments)}
+    task_args = arguments_of(loaded.config.data.task)
+    data_keys = {f.name for cls in (DataArguments, task_args) if cls for f in dataclasses.fields(cls)}
     for tok in overrides:
         key = tok[2:].split("=")[0] if tok.startswith("--") else None
         if key is not None and key not in data_keys:
@@ -157,7 +140,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a finished run (merged PyTorch, or ONNX fp32/int8), verified against the PyTorch run."""
-    from querytune.export import export_run
+    from querytune.serving.export import export_run
 
     info = export_run(args.run_dir, fmt=args.format, quantize=args.quantize, output_dir=args.output_dir,
                       overwrite=args.overwrite, verify_samples=args.verify_samples, verify_file=args.verify_file,
@@ -169,7 +152,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve runs and exports over HTTP until SIGINT/SIGTERM."""
-    from querytune.serve import ServeSettings, serve
+    from querytune.serving.api import ServeSettings, serve
 
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                              max_queries_per_request=args.max_queries, max_query_chars=args.max_query_chars,
@@ -261,10 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "train":
         rest = argv[1:]
         if not rest or rest[0] in ("-h", "--help"):
-            from querytune.config import _SECTIONS, _RaisingParser
+            from querytune.config import _RaisingParser, sections
 
             print("usage: querytune train EXPERIMENT.yaml [--key value ...]\n")
-            _RaisingParser(_SECTIONS).print_help()
+            _RaisingParser(sections()).print_help()
             return 0 if rest else 2
         from querytune.train import main as train_main
 

@@ -1,8 +1,20 @@
-"""Loading query corpora through 🤗 `datasets`: Hub ids, local folders or files, label maps and splits."""
+"""Loading query corpora through 🤗 `datasets`, for every task: sources, splits by role, labels, group splits, samples.
+
+Each task package turns what these helpers load into its own examples; they never re-implement them:
+
+- `load_splits`: the train / validation / test splits of a Hub id, a local folder or files, by role, columns renamed.
+- `label_names` / `encode_labels`: a label map from the train split, and integer labels checked against it.
+- `finish_splits`: a seeded (stratified) validation split carved from train when there is none, then sampling.
+- `split_groups`: one rule for splits that must keep a group (a conversation, a query) on one side.
+- `sample` / `sample_indices`: one seeded sampler for rows, queries or any list.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import random
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +22,11 @@ import datasets
 from datasets import ClassLabel, Dataset, DatasetDict
 
 from querytune.config import DataArguments
+from querytune.errors import DataError
+
+__all__ = ["DataError", "builder_for", "carve_validation", "check_columns", "discover_split_files", "encode_labels",
+           "finish_splits", "hash_bucket", "label_names", "load_one_split", "load_raw", "load_splits", "local_files",
+           "present_splits", "rename_columns", "sample", "sample_indices", "split_groups", "split_names"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -22,11 +39,9 @@ _SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "valida
                   "val": "validation", "test": "test"}  # fmt: skip
 
 
-class DataError(ValueError):
-    """A problem with the data: the message names the file or dataset, the split, the column or the label."""
-
-
-def _builder_for(files: list[str]) -> tuple[str, dict[str, Any]]:
+# --- sources
+def builder_for(files: list[str]) -> tuple[str, dict[str, Any]]:
+    """The `datasets` builder (json / csv / parquet) and its options for a list of local files of one type."""
     suffixes = {Path(f).suffix.lower() for f in files}
     builders = {_BUILDERS.get(s) for s in suffixes}
     if None in builders or len(builders) != 1:
@@ -39,7 +54,7 @@ def _builder_for(files: list[str]) -> tuple[str, dict[str, Any]]:
     return builder, kwargs
 
 
-def _discover_split_files(folder: Path) -> dict[str, str]:
+def discover_split_files(folder: Path) -> dict[str, str]:
     """Map split names to files in a folder by their stem: train.*, validation.* / dev.* / valid.*, test.*."""
     found: dict[str, str] = {}
     for path in sorted(folder.iterdir()):
@@ -51,28 +66,43 @@ def _discover_split_files(folder: Path) -> dict[str, str]:
     return found
 
 
-def load_raw(data: DataArguments) -> tuple[DatasetDict, str]:
-    """Load all available splits. Returns the splits and a human-readable name of the source."""
+def local_files(data: DataArguments) -> dict[str, str]:
+    """Split → local file, from `dataset_name` (a folder, a file or a bundled corpus) and `*_file` (empty for a Hub
+    dataset)."""
     files = {k: v for k, v in (("train", data.train_file), ("validation", data.validation_file),
                                ("test", data.test_file)) if v}  # fmt: skip
     name = data.dataset_name
     if name in BUNDLED_DATASETS:
         name = str(BUNDLED_DATASETS[name])
     if name and Path(name).is_dir():
-        files = {**_discover_split_files(Path(name)), **files}
+        files = {**discover_split_files(Path(name)), **files}
     elif name and Path(name).is_file():
         files = {"train": name, **files}
+    return files
+
+
+def load_raw(data: DataArguments) -> tuple[DatasetDict, str]:
+    """Load all available splits. Returns the splits and a human-readable name of the source.
+
+    Local csv / tsv files are read with `csv_encoding` when it is set; a file that is not UTF-8 is an error that
+    says to set it.
+    """
+    files = local_files(data)
     if files:
         for split, f in files.items():
             if not Path(f).is_file():
                 raise DataError(f"{split} file not found: {f}")
-        builder, kwargs = _builder_for(list(files.values()))
-        source = name or ", ".join(files.values())
+        builder, kwargs = builder_for(list(files.values()))
+        if data.csv_encoding and builder == "csv":
+            kwargs["encoding"] = data.csv_encoding
+        source = data.dataset_name or ", ".join(files.values())
         try:
             raw = datasets.load_dataset(builder, data_files=files, **kwargs)
         except Exception as err:  # the loaders raise many types; the file name is what the user needs
-            raise DataError(f"could not read {source}: {type(err).__name__}: {err}") from err
+            hint = "; the file is not UTF-8: set csv_encoding (e.g. latin-1)" if _decode_error(err) else ""
+            raise DataError(f"could not read {source}: {type(err).__name__}: {err}{hint}") from err
         return raw, source
+    name = data.dataset_name
     try:
         raw = datasets.load_dataset(name, data.dataset_config_name)
     except Exception as err:
@@ -83,7 +113,19 @@ def load_raw(data: DataArguments) -> tuple[DatasetDict, str]:
     return raw, name
 
 
-def _renamed(raw: DatasetDict, data: DataArguments) -> DatasetDict:
+def _decode_error(err: BaseException) -> bool:
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, UnicodeDecodeError) or "codec can't decode" in str(cause):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def rename_columns(raw: DatasetDict, data: DataArguments) -> DatasetDict:
+    """Apply `rename_columns` (OLD=NEW) to every split that has OLD."""
     for item in data.rename_columns or []:
         old, new = item.split("=")
         raw = DatasetDict({k: ds.rename_column(old, new) if old in ds.column_names else ds for k, ds in raw.items()})
@@ -96,6 +138,7 @@ def _offline() -> bool:
     return bool(huggingface_hub.constants.HF_HUB_OFFLINE)
 
 
+# --- splits by role
 def split_names(data: DataArguments) -> dict[str, str]:
     """Role (train / validation / test) → the dataset's split name for it."""
     wanted = {"train": data.train_split, "validation": data.validation_split}
@@ -115,6 +158,39 @@ def present_splits(raw: DatasetDict, wanted: dict[str, str], source: str) -> dic
     return found
 
 
+def load_splits(data: DataArguments) -> tuple[dict[str, Dataset], dict[str, str], str]:
+    """The dataset's splits by role (columns renamed), the role → split-name map, and the source's name.
+
+    A missing train split is an error; validation and test may be missing (the tasks carve or skip them).
+    """
+    raw, source = load_raw(data)
+    raw = rename_columns(raw, data)
+    if data.train_split not in raw:
+        raise DataError(f"{source}: no split {data.train_split!r}; it has {list(raw)}")
+    wanted = split_names(data)
+    return present_splits(raw, wanted, source), wanted, source
+
+
+def load_one_split(data: DataArguments, split: str) -> tuple[Dataset, str]:
+    """One non-empty split of any dataset (columns renamed as configured) and the source's name, for re-scoring."""
+    raw, source = load_raw(data)
+    raw = rename_columns(raw, data)
+    if split not in raw:
+        raise DataError(f"{source}: no split {split!r}; it has {list(raw)}")
+    if len(raw[split]) == 0:
+        raise DataError(f"{source}: split {split!r} is empty")
+    return raw[split], source
+
+
+def check_columns(split: str, ds: Dataset, columns: Iterable[str], source: str,
+                  hint: str = "Set text_column / label_column in the experiment file.") -> None:  # fmt: skip
+    """Every column is present, or an error naming the split, the column and the columns there are."""
+    for column in columns:
+        if column not in ds.column_names:
+            raise DataError(f"{source}: split {split!r} has no column {column!r}; it has {ds.column_names}. {hint}")
+
+
+# --- labels
 def label_names(train: Dataset, column: str) -> list[str]:
     """The label vocabulary: ClassLabel order when the column has one, else the sorted distinct values."""
     feature = train.features[column]
@@ -126,16 +202,7 @@ def label_names(train: Dataset, column: str) -> list[str]:
     return [str(v) for v in sorted(values)]
 
 
-def _check_columns(split: str, ds: Dataset, columns: list[str], source: str) -> None:
-    for column in columns:
-        if column not in ds.column_names:
-            raise DataError(
-                f"{source}: split {split!r} has no column {column!r}; it has {ds.column_names}. "
-                f"Set text_column / label_column in the experiment file."
-            )
-
-
-def _encode_labels(ds: Dataset, split: str, column: str, labels: list[str], source: str) -> Dataset:
+def encode_labels(ds: Dataset, split: str, column: str, labels: list[str], source: str) -> Dataset:
     """Add an integer `labels` column; a label the model has never seen is an error, not a silent -1."""
     feature = ds.features[column]
     as_text = (lambda v: feature.int2str(v)) if isinstance(feature, ClassLabel) else str  # noqa: E731
@@ -152,51 +219,29 @@ def _encode_labels(ds: Dataset, split: str, column: str, labels: list[str], sour
     return ds.cast_column("labels", ClassLabel(names=labels))
 
 
-def load_classification_splits(data: DataArguments, seed: int) -> tuple[DatasetDict, list[str]]:
-    """Train / validation / (test) splits with an integer `labels` ClassLabel column, and the label names.
-
-    The label map comes from the whole train split, before any `max_*_samples` subsetting, so it does not depend
-    on the sample size. Without a validation split, a seeded (stratified when possible) one is carved from train.
-    """
-    raw, source = load_raw(data)
-    raw = _renamed(raw, data)
-    if data.train_split not in raw:
-        raise DataError(f"{source}: no split {data.train_split!r}; it has {list(raw)}")
-    columns = [data.text_column, data.label_column] + ([data.text_pair_column] if data.text_pair_column else [])
-    wanted = split_names(data)
-    splits: dict[str, Dataset] = {}
-    for role, ds in present_splits(raw, wanted, source).items():
-        _check_columns(wanted[role], ds, columns, source)
-        splits[role] = ds
-    labels = label_names(splits["train"], data.label_column)
-    if len(labels) < 2:
-        raise DataError(f"{source}: column {data.label_column!r} has {len(labels)} distinct label(s); need >= 2")
-    if data.oos_label is not None and data.oos_label not in labels:
-        raise DataError(f"{source}: oos_label {data.oos_label!r} is not a label of column {data.label_column!r}")
-    for role in list(splits):
-        splits[role] = _encode_labels(splits[role], wanted[role], data.label_column, labels, source)
-
-    return DatasetDict(finish_splits(splits, data, seed)), labels
-
-
+# --- carving and sampling
 def finish_splits(splits: dict[str, Dataset], data: DataArguments, seed: int, stratify: bool = True) -> dict:
     """Carve a seeded validation split from train when there is none, then apply max_train/eval_samples."""
     if "validation" not in splits:
-        splits["train"], splits["validation"] = _carve_validation(
+        splits["train"], splits["validation"] = carve_validation(
             splits["train"], data.validation_split_percentage, seed, stratify
         )
         logger.info("no %r split: held out %d train rows as validation (seed %d)", data.validation_split,
                     len(splits["validation"]), seed)  # fmt: skip
     if data.max_train_samples:
-        splits["train"] = _sample(splits["train"], data.max_train_samples, seed)
+        splits["train"] = sample(splits["train"], data.max_train_samples, seed)
     if data.max_eval_samples:
         for role in ("validation", "test"):
             if role in splits:
-                splits[role] = _sample(splits[role], data.max_eval_samples, seed)
+                splits[role] = sample(splits[role], data.max_eval_samples, seed)
     return splits
 
 
-def _carve_validation(train: Dataset, percentage: float, seed: int, stratify: bool = True) -> tuple[Dataset, Dataset]:
+def carve_validation(train: Dataset, percentage: float, seed: int, stratify: bool = True) -> tuple[Dataset, Dataset]:
+    """A seeded row split of train, stratified by `labels` when every class can appear on both sides.
+
+    Rows, not groups: for data whose rows belong to groups (a conversation, a query), use `split_groups`.
+    """
     column = None
     if stratify:
         counts = train.to_pandas()["labels"].value_counts()
@@ -207,26 +252,58 @@ def _carve_validation(train: Dataset, percentage: float, seed: int, stratify: bo
     return parts["train"], parts["test"]
 
 
-def _sample(ds: Dataset, n: int, seed: int) -> Dataset:
-    """A seeded random sample: corpora are often sorted by label, so the first N rows would be a few classes."""
-    return ds if n >= len(ds) else ds.shuffle(seed=seed).select(range(n))
+def sample_indices(total: int, n: int | None, seed: int) -> list[int]:
+    """A seeded sample of n of range(total), in increasing order (all of them when n is None or larger)."""
+    if n is None or n >= total:
+        return list(range(total))
+    return sorted(random.Random(seed).sample(range(total), n))
 
 
-def load_one_split(data: DataArguments, split: str) -> tuple[Dataset, str]:
-    """One non-empty split of any dataset (columns renamed as configured) and the source's name, for re-scoring."""
-    raw, source = load_raw(data)
-    raw = _renamed(raw, data)
-    if split not in raw:
-        raise DataError(f"{source}: no split {split!r}; it has {list(raw)}")
-    if len(raw[split]) == 0:
-        raise DataError(f"{source}: split {split!r} is empty")
-    return raw[split], source
+def sample(items: Dataset | Sequence, n: int | None, seed: int):
+    """A seeded random sample of n rows of a Dataset or items of a list, in their original order.
+
+    Corpora are often sorted by label, so the first N rows would be a few classes; the sample depends only on the
+    seed and the number of items.
+    """
+    keep = sample_indices(len(items), n, seed)
+    if len(keep) == len(items):
+        return items
+    return items.select(keep) if isinstance(items, Dataset) else [items[i] for i in keep]
 
 
-def load_eval_split(data: DataArguments, split: str, labels: list[str]) -> Dataset:
-    """One split of any dataset, encoded with a trained run's label map (unknown labels are an error)."""
-    ds, source = load_one_split(data, split)
-    columns = [data.text_column, data.label_column] + ([data.text_pair_column] if data.text_pair_column else [])
-    _check_columns(split, ds, columns, source)
-    ds = _encode_labels(ds, split, data.label_column, labels, source)
-    return _sample(ds, data.max_eval_samples, 0) if data.max_eval_samples else ds
+def hash_bucket(key: str, seed: int = 0) -> float:
+    """A key's place in [0, 100) under the seeded md5 rule: `int(md5(f"{seed}:{key}"), 16) % 10000 / 100`."""
+    digest = hashlib.md5(f"{seed}:{key}".encode()).hexdigest()
+    return int(digest, 16) % 10000 / 100
+
+
+def split_groups(keys: Iterable[str], test_percentage: float, validation_percentage: float, seed: int,
+                 rule: str = "hash") -> dict[str, str]:  # fmt: skip
+    """Group key → role ("train", "validation" or "test"), so that every row of a group lands in one split.
+
+    - `hash`: the key's md5 bucket (`hash_bucket`): below `test_percentage` is test, the next
+      `validation_percentage` points validation. A key's role never depends on the other keys, so adding data never
+      moves a query from train to test. Relevance data uses it.
+    - `shuffle`: the sorted distinct keys in a seeded random order, the first `test_percentage` % test and the next
+      `validation_percentage` % validation: exact shares, which small corpora need (conversations for rewriting).
+    """
+    distinct = sorted(set(keys))
+    if rule == "hash":
+        roles = {}
+        for key in distinct:
+            bucket = hash_bucket(key, seed)
+            roles[key] = ("test" if bucket < test_percentage
+                          else "validation" if bucket < test_percentage + validation_percentage else "train")  # fmt: skip
+        return roles
+    if rule != "shuffle":
+        raise ValueError(f"split_groups: rule must be 'hash' or 'shuffle', got {rule!r}")
+    random.Random(seed).shuffle(distinct)
+    n_test = round(len(distinct) * test_percentage / 100)
+    n_val = round(len(distinct) * validation_percentage / 100)
+    if len(distinct) - n_test - n_val < 1 or (validation_percentage and n_val < 1):
+        raise DataError(f"{len(distinct)} groups are too few for {validation_percentage}% validation and "
+                        f"{test_percentage}% test")  # fmt: skip
+    roles = dict.fromkeys(distinct, "train")
+    roles.update(dict.fromkeys(distinct[:n_test], "test"))
+    roles.update(dict.fromkeys(distinct[n_test : n_test + n_val], "validation"))
+    return roles

@@ -14,34 +14,15 @@ from typing import Any
 
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 
+from querytune.errors import PushError
 from querytune.models import MINILM_NAMES, MPNET_NAMES
-from querytune.runs import CONFIG_FILE, METRICS_FILE, read_run
+from querytune.runs import CONFIG_FILE, LABEL_MAP, METRICS_FILE, read_run
+from querytune.tasks import get_task
 
 logger = logging.getLogger(__name__)
 
 # Never uploaded: optimizer state lives in checkpoints, and training_args.bin is a pickle that can hold a token.
 EXCLUDED = {"training_args.bin"}
-TASK_TAGS = {
-    "intent": ("text-classification", "intent-classification"),
-    "text_classification": ("text-classification",),
-    "slots": ("token-classification", "slot-filling"),
-    "intent_slots": ("token-classification", "intent-classification", "slot-filling"),
-}
-# Metrics shown in the card and in model-index, with their model-index metric type and display name.
-CARD_METRICS = {
-    "accuracy": ("accuracy", "Accuracy"),
-    "macro_f1": ("f1", "Macro F1"),
-    "in_scope_accuracy": ("accuracy", "In-scope accuracy"),
-    "oos_recall": ("recall", "Out-of-scope recall"),
-    "f1": ("f1", "Slot F1 (entity-level)"),  # slots
-    "slot_f1": ("f1", "Slot F1 (entity-level)"),  # intent_slots
-    "intent_accuracy": ("accuracy", "Intent accuracy"),
-    "exact_match": ("exact_match", "Exact match (intent and all slots)"),
-}
-
-
-class PushError(RuntimeError):
-    """A failed upload; the local run is untouched and the message says how to retry."""
 
 
 def hub_model_id(name: str) -> str | None:
@@ -69,10 +50,15 @@ def model_card(run_dir: str | Path, info: dict[str, Any], repo_id: str | None = 
     config = yaml.safe_load((run / CONFIG_FILE).read_text()) if (run / CONFIG_FILE).is_file() else {}
     base = hub_model_id(info["base_model"])
     dataset = _dataset_id(info.get("dataset"))
-    task_type, *extra_tags = TASK_TAGS.get(info["task"], ("text-classification",))
+    task = get_task(info["task"])
+    label_info = json.loads((run / LABEL_MAP).read_text()) if (run / LABEL_MAP).is_file() else {}
+    task_type, extra_tags = task.card_info(label_info)
+    card_metrics = task.card_metrics
     split = "test" if any(k.startswith("test_") for k in metrics) else "validation"
     prefix = "test" if split == "test" else "eval"
-    shown = {k: metrics[f"{prefix}_{k}"] for k in CARD_METRICS if f"{prefix}_{k}" in metrics}
+    shown = {
+        k: metrics[f"{prefix}_{k}"] for k in card_metrics if isinstance(metrics.get(f"{prefix}_{k}"), int | float)
+    }
     eval_results = [
         EvalResult(
             task_type=task_type,
@@ -80,8 +66,8 @@ def model_card(run_dir: str | Path, info: dict[str, Any], repo_id: str | None = 
             dataset_name=dataset or Path(str(info.get("dataset"))).name,
             dataset_config=config.get("dataset_config_name"),
             dataset_split=split,
-            metric_type=CARD_METRICS[k][0],
-            metric_name=CARD_METRICS[k][1],
+            metric_type=card_metrics[k][0],
+            metric_name=card_metrics[k][1],
             metric_value=round(float(v), 4),
         )
         for k, v in shown.items()
@@ -96,7 +82,8 @@ def model_card(run_dir: str | Path, info: dict[str, Any], repo_id: str | None = 
         model_name=name,
         eval_results=eval_results or None,
     )
-    rows = "\n".join(f"| {CARD_METRICS[k][1]} ({split}) | {100 * v:.2f} |" for k, v in shown.items())
+    rows = "\n".join(f"| {card_metrics[k][1]} ({split}) | {card_metrics[k][2] * v:.{2 if card_metrics[k][2] > 1 else 3}f}"
+                     f"{' %' if card_metrics[k][2] == 100 else ''} |" for k, v in shown.items())  # fmt: skip
     source = repo_id or str(run)
     load = f'snapshot_download("{repo_id}")' if repo_id else f'"{run}"'
     body = f"""
@@ -110,7 +97,7 @@ on `{info.get("dataset")}` ({info["num_labels"]} labels).
   ({info["trainable_percent"]:.3f}%)
 - Training: {info["train_runtime_s"]:.0f} s at {info["train_samples_per_second"]:.1f} samples/s
 
-| metric | % |
+| metric | value |
 |---|---|
 {rows}
 
@@ -126,6 +113,11 @@ or from the shell: `querytune predict {source} "where is my package"`. The folde
 (`label_map.json`), the resolved experiment (`{CONFIG_FILE}`) and per-label reports.
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def write_model_card(output_dir: Path, info: dict[str, Any]) -> None:
+    """The run's README: the same card that `querytune push` uploads."""
+    model_card(output_dir, info).save(output_dir / "README.md")
 
 
 def upload_files(run_dir: str | Path) -> list[Path]:

@@ -1,10 +1,17 @@
-"""Loading a finished run for prediction and re-evaluation: base model + adapter, merged where the method allows."""
+"""The one loader of finished runs and exports, used by predict, eval, export and serve.
+
+`LoadedRun(path)` takes a run directory (base model + adapter, merged where the method allows, or a full
+fine-tune) or an export directory (merged PyTorch weights, an unmerged adapter, or an ONNX graph run by ONNX
+Runtime). Whatever it loaded, the task's `predict` / `evaluate` / `verification_outputs` call it the same way:
+`run.model(**inputs)` returns an object with the logits, `run.tokenizer`, `run.device`, `run.config`, `run.task`.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -12,59 +19,99 @@ import torch
 from torch import nn
 
 from querytune.config import ExperimentConfig, load_config
-from querytune.methods import MERGEABLE, PEFT_METHODS
+from querytune.methods import get_method, register_bottleneck
 from querytune.models import load_tokenizer
-from querytune.runs import CONFIG_FILE, LABEL_MAP, read_run
+from querytune.runs import CONFIG_FILE, LABEL_MAP, ONNX_FILE, PARTIAL_EXPORT_MARKER, is_export, read_export, read_run
 from querytune.tasks import get_task
 
 logger = logging.getLogger(__name__)
 
 
-def merge_peft_model(model) -> nn.Module:
-    """Fold the adapter into the base weights and return a plain transformers model.
+class OnnxModel:
+    """An ONNX Runtime session called like a transformers model: torch tensors in, an object with logits out."""
 
-    The trained copies of `modules_to_save` (the head) are put in place first: PEFT's IA3 unload tries to copy a
-    `.weight` from each wrapper and fails on heads that are not a single Linear, e.g. RoBERTa's.
-    """
-    from peft.utils import ModulesToSaveWrapper
+    def __init__(self, path: str | Path, threads: int | None = None, profile_prefix: str | None = None) -> None:
+        import onnxruntime as ort
 
-    inner = model.base_model.model
-    adapter = model.active_adapter
-    for name, module in list(inner.named_modules()):
-        if isinstance(module, ModulesToSaveWrapper):
-            parent_name, _, child = name.rpartition(".")
-            parent = inner.get_submodule(parent_name) if parent_name else inner
-            setattr(parent, child, module.modules_to_save[adapter])
-    return model.merge_and_unload()
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        if profile_prefix:
+            options.enable_profiling = True
+            options.profile_file_prefix = profile_prefix
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, **tensors: Any) -> SimpleNamespace:
+        feed = {}
+        for name in self.inputs:
+            value = tensors.get(name)
+            if value is None:
+                raise ValueError(f"the ONNX model needs input {name!r}; the tokenizer did not produce it")
+            feed[name] = np.asarray(value.cpu() if isinstance(value, torch.Tensor) else value, dtype=np.int64)
+        arrays = self.session.run(self.outputs, feed)
+        return SimpleNamespace(**{name: torch.from_numpy(a) for name, a in zip(self.outputs, arrays, strict=True)})
+
+    def eval(self) -> OnnxModel:
+        return self
+
+    def parameters(self):
+        """Task helpers read the device from the first parameter (`next(model.parameters()).device`): CPU."""
+        yield torch.empty(0)
 
 
 class LoadedRun:
-    """A finished run's model, tokenizer, labels and config, ready to score queries."""
+    """A finished run or export: its model, tokenizer, labels and config, ready to score queries.
 
-    def __init__(self, run_dir: str | Path, merge: bool = True, device: str | None = None) -> None:
-        self.run_dir = Path(run_dir)
-        self.info = read_run(self.run_dir)
+    - `merge`: fold a mergeable adapter (LoRA, AdaLoRA, IA3) into the base weights (a run directory only; an export
+      is loaded as it was exported).
+    - `threads`: torch / ONNX Runtime intra-op threads.
+    - `export_info`: the marker of an export that is being verified before its marker is written.
+    """
+
+    def __init__(self, path: str | Path, merge: bool = True, device: str | None = None, threads: int | None = None,
+                 *, export_info: dict | None = None) -> None:  # fmt: skip
+        self.run_dir = Path(path)
+        self.is_export = (export_info is not None or is_export(self.run_dir)
+                          or (self.run_dir / PARTIAL_EXPORT_MARKER).exists())  # fmt: skip
+        self.info = export_info if export_info is not None else (
+            read_export(self.run_dir) if self.is_export else read_run(self.run_dir))  # fmt: skip
+        self.format = self.info.get("format", "pytorch") if self.is_export else "pytorch"
         self.config: ExperimentConfig = load_config(self.run_dir / CONFIG_FILE)
         self.task = get_task(self.config.data.task)(self.config)
         self.task.set_label_info(json.loads((self.run_dir / LABEL_MAP).read_text()))
         self.tokenizer = load_tokenizer(str(self.run_dir))
         self.method = self.config.method.method
-        self.model = self._load_model(merge).to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.merged = False
+        if threads and self.format != "onnx":
+            torch.set_num_threads(threads)
+        if self.format == "onnx":
+            self.model: Any = OnnxModel(self.run_dir / ONNX_FILE, threads)
+        else:
+            device = device or ("cuda" if torch.cuda.is_available() and not self.is_export else "cpu")
+            self.model = self._load_model(merge).to(device)
         self.model.eval()
 
     def _load_model(self, merge: bool) -> nn.Module:
-        if self.method not in PEFT_METHODS:
+        spec = get_method(self.method)
+        if not spec.peft or (self.is_export and self.info.get("merged")):
             model, _ = self.task.load_model(str(self.run_dir))
+            self.merged = spec.peft
             return model
         import peft
 
-        import querytune.peft_adapter  # noqa: F401  (registers the bottleneck adapter type with PEFT)
-
+        register_bottleneck()  # a bottleneck-adapter run names a PEFT type that only querytune registers
         base, _ = self.task.load_model()
         model = peft.PeftModel.from_pretrained(base, str(self.run_dir))
-        if merge and self.method in MERGEABLE:
-            model = merge_peft_model(model)
-        elif merge:
+        if merge and spec.mergeable and not self.is_export:
+            from querytune.methods.builders import merge_peft_model
+
+            self.merged = True
+            return merge_peft_model(model)
+        if merge and not self.is_export:
             logger.info("method %r cannot be merged into the base weights; serving the unmerged PeftModel",
                         self.method)  # fmt: skip
         return model
@@ -76,5 +123,12 @@ class LoadedRun:
     def logits(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64) -> np.ndarray:
         return self.task.logits(self, texts, pairs, batch_size=batch_size)
 
-    def predict(self, texts: list[str], top_k: int = 3, batch_size: int = 64) -> list[dict[str, Any]]:
-        return self.task.predict(self, texts, top_k=top_k, batch_size=batch_size)
+    def predict(self, texts: list[str], top_k: int | None = None, batch_size: int = 64, **inputs) -> list[dict]:
+        """The task's prediction for each query; `inputs` are the task's `request_inputs` (e.g. candidates)."""
+        top_k = self.task.default_top_k if top_k is None else top_k
+        return self.task.predict(self, texts, top_k=top_k, batch_size=batch_size, **inputs)
+
+
+def load_run(path: str | Path, threads: int | None = None, device: str | None = "cpu") -> LoadedRun:
+    """A run (adapter merged where the method allows) or an export, for serving."""
+    return LoadedRun(path, merge=True, device=device, threads=threads)

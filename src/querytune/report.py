@@ -9,21 +9,20 @@ from pathlib import Path
 from typing import Any
 
 from querytune.runs import METRICS_FILE, dir_size_mb, model_files, read_run
+from querytune.tasks import get_task
 
-# The task metrics a report can show: (metric name without the split prefix, column header, scale). A column
-# appears when any compared run has that metric, so intent, slot, joint (and later tasks') runs share one table.
-METRIC_COLUMNS: list[tuple[str, str, float]] = [
-    ("in_scope_accuracy", "in-scope acc %", 100.0),
-    ("oos_recall", "OOS recall %", 100.0),
-    ("accuracy", "accuracy %", 100.0),
-    ("macro_f1", "macro-F1 %", 100.0),
-    ("intent_accuracy", "intent acc %", 100.0),
-    ("f1", "slot F1 %", 100.0),
-    ("slot_f1", "slot F1 %", 100.0),
-    ("exact_match", "exact match %", 100.0),
-]
-# Where a run has the more specific metric, the general one is left out (in-scope accuracy beats accuracy).
-_SHADOWED = {"accuracy": "in_scope_accuracy"}
+
+def task_columns(task: str | None, metrics: dict[str, float] | None = None) -> list[tuple[str, str, float]]:
+    """The metric columns a run of `task` fills (its Task class's `report_columns`), less those shadowed by a more
+    specific metric the run has."""
+    if not task:
+        return []
+    try:
+        cls = get_task(task)
+    except ValueError:  # a run of a task this installation does not know
+        return []
+    shadowed = {name for name, by in cls.report_shadowed.items() if metrics is not None and by in metrics}
+    return [c for c in cls.report_columns if c[0] not in shadowed]
 
 
 def run_row(run_dir: str | Path, metric_prefix: str = "test") -> dict[str, Any]:
@@ -32,7 +31,7 @@ def run_row(run_dir: str | Path, metric_prefix: str = "test") -> dict[str, Any]:
     info = read_run(run)
     metrics = json.loads((run / METRICS_FILE).read_text())
     task_metrics = {}
-    for name, _, _ in METRIC_COLUMNS:
+    for name, _, _ in task_columns(info.get("task")):
         value = metrics.get(f"{metric_prefix}_{name}")
         if isinstance(value, int | float):
             task_metrics[name] = float(value)
@@ -54,9 +53,13 @@ def run_row(run_dir: str | Path, metric_prefix: str = "test") -> dict[str, Any]:
 
 
 def metric_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, float]]:
-    """The metric columns that some row has, in METRIC_COLUMNS order."""
-    present = {name for r in rows for name in r["metrics"]}
-    return [c for c in METRIC_COLUMNS if c[0] in present and _SHADOWED.get(c[0]) not in present]
+    """The metric columns of the compared runs' tasks, in task and column order, each once."""
+    columns: list[tuple[str, str, float]] = []
+    for row in rows:
+        for column in task_columns(row["task"], row["metrics"]):
+            if column not in columns and column[0] in row["metrics"]:
+                columns.append(column)
+    return columns
 
 
 def _fmt(value: Any, digits: int = 1, scale: float = 1.0) -> str:
@@ -73,7 +76,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["run"], r["task"] or "–", r["method"]]
-        cells += [_fmt(r["metrics"].get(name), 2, scale) for name, _, scale in columns]
+        own = task_columns(r["task"], r["metrics"])
+        cells += [_fmt(r["metrics"].get(c[0]), 2, c[2]) if c in own else "–" for c in columns]
         cells += [
             _fmt(r["trainable_percent"], 3),
             _fmt(r["model_size_mb"], 2),

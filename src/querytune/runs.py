@@ -8,14 +8,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from querytune.errors import ExportError, RunError
+
 MARKER = "querytune_run.json"  # written last, atomically: its presence means the run finished
 CONFIG_FILE = "querytune_config.yaml"
 LABEL_MAP = "label_map.json"
 METRICS_FILE = "all_results.json"
-
-
-class RunError(ValueError):
-    """A run directory that is missing, unfinished or not a querytune run."""
+# An export directory (querytune.serving.export) has its own marker, also written last and atomically.
+EXPORT_MARKER = "querytune_export.json"
+PARTIAL_EXPORT_MARKER = ".querytune_export_partial"  # written first: an export is being written here
+ONNX_FILE = "model.onnx"
 
 
 def prepare_output_dir(output_dir: str | Path, *, resume: bool, overwrite: bool) -> None:
@@ -75,8 +77,18 @@ def model_files(run_dir: str | Path) -> list[Path]:
     )
 
 
-def write_model_card(output_dir: Path, info: dict[str, Any]) -> None:
-    """The run's README: the same card that `querytune push` uploads (see querytune.hub)."""
-    from querytune.hub import model_card
+def is_export(path: str | Path) -> bool:
+    return (Path(path) / EXPORT_MARKER).is_file()
 
-    model_card(output_dir, info).save(output_dir / "README.md")
+
+def read_export(export_dir: str | Path) -> dict[str, Any]:
+    """The marker of a finished export; a clear error for a missing or half-written one."""
+    path = Path(export_dir)
+    if not path.is_dir():
+        raise ExportError(f"export directory not found: {path}")
+    if not is_export(path):
+        raise ExportError(
+            f"{path} is not a finished querytune export (no {EXPORT_MARKER}): it was interrupted or is still being "
+            "written; run `querytune export` again"
+        )
+    return json.loads((path / EXPORT_MARKER).read_text())

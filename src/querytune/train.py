@@ -30,8 +30,10 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from querytune import __version__, tracking
 from querytune.config import ExperimentConfig, load_config
-from querytune.hub import push_run
-from querytune.methods import PEFT_METHODS, MethodContext, apply_method, method_callbacks
+from querytune.errors import run_guarded
+from querytune.hub import push_run, write_model_card
+from querytune.methods import get_method
+from querytune.methods.builders import MethodContext, apply_method, method_callbacks
 from querytune.models import count_parameters, load_tokenizer, resolve_model_path
 from querytune.runs import (
     CONFIG_FILE,
@@ -42,7 +44,6 @@ from querytune.runs import (
     model_files,
     prepare_output_dir,
     write_json_atomic,
-    write_model_card,
 )
 from querytune.tasks import get_task
 
@@ -170,7 +171,7 @@ def run(config: ExperimentConfig, callbacks: list[TrainerCallback] | None = None
     trainable, total = count_parameters(model)
     logger.info("method %s: %s trainable of %s parameters (%.3f%%)", config.method.method, f"{trainable:,}",
                 f"{total:,}", 100 * trainable / total)  # fmt: skip
-    if args.gradient_checkpointing and config.method.method in ("prefix", "prompt"):
+    if args.gradient_checkpointing and not get_method(config.method.method).gradient_checkpointing:
         raise ValueError(f"gradient_checkpointing does not work with method {config.method.method!r} (see NOTES.md)")
 
     # --- trainer
@@ -234,7 +235,7 @@ def run(config: ExperimentConfig, callbacks: list[TrainerCallback] | None = None
             "run_name": args.run_name or out.name,
             "task": config.data.task,
             "method": config.method.method,
-            "peft": config.method.method in PEFT_METHODS,
+            "peft": get_method(config.method.method).peft,
             "base_model": config.model.model_name_or_path,
             "dataset": config.data.dataset_name or config.data.train_file,
             "num_labels": len(task.labels),
@@ -268,6 +269,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from querytune.cli import run_guarded
-
     sys.exit(run_guarded(main))

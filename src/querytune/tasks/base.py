@@ -1,7 +1,9 @@
-"""What every task gives the runner: the defaults here, overridden where a task differs.
+"""The Task contract: everything that differs from one kind of query data to another, as hooks and attributes.
 
-`train.run` and `inference.LoadedRun` call only these hooks, so a new task (ranking, rewriting, ...) is one new
-module plus a registry entry in `querytune.tasks`; it never edits the runner.
+`train.run`, the run loader (`querytune.inference`), `querytune export` / `serve`, the Hub card and `querytune
+report` call only these hooks and read only these attributes; none of them branches on a task's name or class.
+A new task is one package under `querytune/tasks/` whose `Task` subclass fills them in, plus one `register_task`
+call (see CONTRIBUTING.md).
 """
 
 from __future__ import annotations
@@ -9,12 +11,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from datasets import DatasetDict
 from transformers import EvalPrediction, PreTrainedModel, Trainer
 
 from querytune.config import ExperimentConfig
+from querytune.methods.registry import get_method
 from querytune.models import load_pretrained
 
 
@@ -26,16 +29,43 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int
 
 
 class Task(ABC):
-    """One kind of query data: loading, preprocessing, model, trainer, metrics, reports and prediction."""
+    """One kind of query data: loading, preprocessing, model, trainer, metrics, reports, prediction and export."""
 
     model_class: Any  # a transformers Auto class (or one with the same from_pretrained/from_config API)
     peft_task_type: Any  # peft.TaskType, or None where PEFT needs no task type
     default_metric: str  # the metric that decides the best checkpoint when the experiment does not say
     trainer_class: type[Trainer] = Trainer
+    arguments: ClassVar[type | None] = None  # the task's own option dataclass (flat experiment keys), if any
+
+    # --- how other tools see a run of this task
+    pipeline_tag: ClassVar[str] = "text-classification"  # the Hub card's pipeline_tag
+    card_tags: ClassVar[tuple[str, ...]] = ()  # extra Hub tags
+    # Metrics the card shows: metric name (without split prefix) -> (model-index metric type, display name, the
+    # factor the card's table shows it with: 100 for a fraction shown in %).
+    card_metrics: ClassVar[dict[str, tuple[str, str, float]]] = {}
+    # Columns of `querytune report`: (metric name without split prefix, header, scale).
+    report_columns: ClassVar[list[tuple[str, str, float]]] = []
+    # A column left out where the run has a more specific metric, e.g. {"accuracy": "in_scope_accuracy"}.
+    report_shadowed: ClassVar[dict[str, str]] = {}
+    # Inputs besides the queries that `predict` takes (`--candidates`, `--catalogue`, a request's "candidates").
+    request_inputs: ClassVar[tuple[str, ...]] = ()
+    default_top_k: ClassVar[int] = 3  # `predict` without --top_k
+
+    @classmethod
+    def card_info(cls, label_info: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+        """The Hub card's pipeline tag and extra tags for a run with this saved label map."""
+        return cls.pipeline_tag, cls.card_tags
 
     def __init__(self, config: ExperimentConfig) -> None:
         self.config = config
+        self.args = config.task_args  # an instance of `arguments`, or None
         self.labels: list[str] = []
+        method = get_method(config.method.method)
+        if not method.supports(config.data.task):
+            raise ValueError(
+                f"method {method.name!r} does not support task {config.data.task!r} (it supports "
+                f"{sorted(method.tasks or [])})"
+            )
 
     # --- data
     @abstractmethod
@@ -93,9 +123,27 @@ class Task(ABC):
 
     # --- a loaded run
     @abstractmethod
-    def predict(self, run, texts: list[str], top_k: int = 3, batch_size: int = 64) -> list[dict[str, Any]]:
-        """One JSON-ready result per query (`querytune predict`)."""
+    def predict(self, run, texts: list[str], top_k: int = 3, batch_size: int = 64, **inputs) -> list[dict[str, Any]]:
+        """One JSON-ready result per query (`querytune predict`); `inputs` are the task's `request_inputs`."""
 
     @abstractmethod
     def evaluate(self, run, split: str, out_dir: Path, batch_size: int = 64) -> dict[str, Any]:
         """Score a loaded run on one split of `self.config.data`; write the reports (`querytune eval`)."""
+
+    # --- export (`querytune export`): what is verified against the PyTorch run
+    def export_unsupported(self) -> str | None:
+        """Why runs of this task cannot be exported (one line), or None when they can."""
+        return None
+
+    def verification_texts(self, run, split: str) -> tuple[list[str], list[str] | None]:
+        """The queries (and text pairs) of one held-out split, to compare an export with the run."""
+        raise NotImplementedError
+
+    # Verification compares whole groups (e.g. a query's documents), so it keeps the split's first rows rather than
+    # a random sample, and top-1 means the best row of each group.
+    verification_grouped: ClassVar[bool] = False
+
+    def verification_outputs(self, run, texts: list[str], pairs: list[str] | None,
+                             batch_size: int = 64) -> dict[str, Any]:  # fmt: skip
+        """Per-query outputs by name (e.g. `logits`), read as `predict` reads them, for the export check."""
+        raise NotImplementedError

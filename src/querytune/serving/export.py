@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 import logging
 import random
 import shutil
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -34,50 +32,33 @@ import torch
 from torch import nn
 
 from querytune import __version__
-from querytune.config import load_config
-from querytune.inference import LoadedRun, merge_peft_model
-from querytune.methods import MERGEABLE, PEFT_METHODS
-from querytune.models import load_tokenizer
-from querytune.runs import CONFIG_FILE, LABEL_MAP, METRICS_FILE, RunError, write_json_atomic
-from querytune.tagging import split_words
-from querytune.tasks import get_task
-from querytune.tasks.slots import SlotsTask
+from querytune.errors import ExportError
+from querytune.inference import LoadedRun
+from querytune.methods import get_method
+from querytune.methods.builders import merge_peft_model
+from querytune.runs import (
+    CONFIG_FILE,
+    EXPORT_MARKER,
+    LABEL_MAP,
+    MARKER,
+    METRICS_FILE,
+    ONNX_FILE,
+    PARTIAL_EXPORT_MARKER,
+    is_export,
+    write_json_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
-EXPORT_MARKER = "querytune_export.json"  # written last, atomically: its presence means the export finished
-PARTIAL_MARKER = ".querytune_export_partial"  # written first: the directory is ours to replace
 VERIFY_FILE = "verification.json"
-ONNX_FILE = "model.onnx"
 FORMATS = ("merged", "onnx")
 QUANTIZE = ("int8",)
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _NOT_OUTPUTS = {"loss", "hidden_states", "attentions", "past_key_values"}
 
 
-class ExportError(RunError):
-    """An export that cannot be made, or a directory that is not a finished export."""
-
-
 def default_export_dir(run_dir: str | Path, fmt: str, quantize: str | None = None) -> Path:
     return Path(run_dir) / "exports" / (fmt if quantize is None else f"{fmt}-{quantize}")
-
-
-def is_export(path: str | Path) -> bool:
-    return (Path(path) / EXPORT_MARKER).is_file()
-
-
-def read_export(export_dir: str | Path) -> dict[str, Any]:
-    """The marker of a finished export; a clear error for a missing or half-written one."""
-    path = Path(export_dir)
-    if not path.is_dir():
-        raise ExportError(f"export directory not found: {path}")
-    if not is_export(path):
-        raise ExportError(
-            f"{path} is not a finished querytune export (no {EXPORT_MARKER}): it was interrupted or is still being "
-            "written; run `querytune export` again"
-        )
-    return json.loads((path / EXPORT_MARKER).read_text())
 
 
 # --- what a model takes and returns
@@ -137,134 +118,23 @@ def export_onnx(
     return inputs, outputs
 
 
-class OnnxModel:
-    """An ONNX Runtime session called like a transformers model: torch tensors in, an object with logits out."""
-
-    def __init__(self, path: str | Path, threads: int | None = None, profile_prefix: str | None = None) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        if profile_prefix:
-            options.enable_profiling = True
-            options.profile_file_prefix = profile_prefix
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.inputs = [i.name for i in self.session.get_inputs()]
-        self.outputs = [o.name for o in self.session.get_outputs()]
-
-    def __call__(self, **tensors: Any) -> SimpleNamespace:
-        feed = {}
-        for name in self.inputs:
-            value = tensors.get(name)
-            if value is None:
-                raise ValueError(f"the ONNX model needs input {name!r}; the tokenizer did not produce it")
-            feed[name] = np.asarray(value.cpu() if isinstance(value, torch.Tensor) else value, dtype=np.int64)
-        arrays = self.session.run(self.outputs, feed)
-        return SimpleNamespace(**{name: torch.from_numpy(a) for name, a in zip(self.outputs, arrays, strict=True)})
-
-    def eval(self) -> OnnxModel:
-        return self
-
-    def parameters(self):
-        """Task helpers read the device from the first parameter (`next(model.parameters()).device`): CPU."""
-        yield torch.empty(0)
-
-
-class ExportedRun:
-    """A finished export loaded for prediction, with the interface of `LoadedRun` (the tasks' `predict` runs on it)."""
-
-    def __init__(self, export_dir: str | Path, threads: int | None = None, *, info: dict | None = None) -> None:
-        self.run_dir = Path(export_dir)
-        # `info` is given only by `export_run`, to verify an export before its marker is written.
-        self.info = info if info is not None else read_export(self.run_dir)
-        self.config = load_config(self.run_dir / CONFIG_FILE)
-        self.task = get_task(self.config.data.task)(self.config)
-        self.task.set_label_info(json.loads((self.run_dir / LABEL_MAP).read_text()))
-        self.tokenizer = load_tokenizer(str(self.run_dir))
-        self.method = self.config.method.method
-        self.model: Any
-        if self.info["format"] == "onnx":
-            self.model = OnnxModel(self.run_dir / ONNX_FILE, threads)
-        elif self.info["merged"] or self.method not in PEFT_METHODS:
-            self.model, _ = self.task.load_model(str(self.run_dir))
-        else:
-            import peft
-
-            import querytune.peft_adapter  # noqa: F401  (registers the bottleneck adapter type with PEFT)
-
-            base, _ = self.task.load_model()
-            self.model = peft.PeftModel.from_pretrained(base, str(self.run_dir))
-        self.model.eval()
-        if threads and self.info["format"] != "onnx":
-            torch.set_num_threads(threads)
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
-
-    def logits(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64) -> np.ndarray:
-        return self.task.logits(self, texts, pairs, batch_size=batch_size)
-
-    def predict(self, texts: list[str], top_k: int = 3, batch_size: int = 64) -> list[dict[str, Any]]:
-        return self.task.predict(self, texts, top_k=top_k, batch_size=batch_size)
-
-
-def load_for_serving(path: str | Path, threads: int | None = None) -> LoadedRun | ExportedRun:
-    """An export directory, or a run directory (adapter merged where the method allows)."""
-    if is_export(path):
-        return ExportedRun(path, threads)
-    if threads:
-        torch.set_num_threads(threads)
-    return LoadedRun(path, merge=True, device="cpu")
-
-
-def serving_metadata(loaded: LoadedRun | ExportedRun) -> dict[str, Any]:
-    """What `GET /metadata` says about a loaded run or export."""
-    info = loaded.info or {}
-    task = loaded.task
-    meta = {
-        "path": str(loaded.run_dir),
-        "task": loaded.config.data.task,
-        "base_model": info.get("base_model", loaded.config.model.model_name_or_path),
-        "method": loaded.method,
-        "format": info.get("format", "pytorch"),
-        "quantize": info.get("quantize"),
-        "merged": info.get("merged", isinstance(loaded, LoadedRun) and loaded.method in MERGEABLE),
-        "labels": task.labels,
-        "metrics": info.get("metrics", {}),
-    }
-    if getattr(task, "intents", None) is not None:
-        meta["intents"] = task.intents
-    return meta
-
-
 # --- verification
 def held_out_sample(loaded: LoadedRun, n: int, seed: int = 0) -> tuple[list[str], list[str] | None, str]:
-    """Up to `n` queries (and text pairs) from the run's test split, else its validation split, seeded."""
-    from querytune.data import load_eval_split
-    from querytune.slot_data import load_tagging_eval_split
+    """Up to `n` queries (and text pairs) from the run's test split, else its validation split.
 
-    data = loaded.config.data
+    A seeded random sample, or the split's first rows where the task compares whole groups (a query's documents).
+    """
+    data, task = loaded.config.data, loaded.task
     errors = []
     for split in dict.fromkeys([data.test_split, data.validation_split]):
+        if not split:
+            continue
         try:
-            if _is_rerank(loaded.task):  # (query, document) pairs of the query-grouped split
-                ds = loaded.task._eval_split(split)
-                texts, pairs = list(ds["query"]), list(ds["document"])
-            elif isinstance(loaded.task, SlotsTask):
-                ds = load_tagging_eval_split(data, split, loaded.task.labels, loaded.task.intents)
-                texts, pairs = [" ".join(words) for words in ds["words"]], None
-            else:
-                ds = load_eval_split(data, split, loaded.task.labels)
-                texts = [t or "" for t in ds[data.text_column]]
-                pairs = list(ds[data.text_pair_column]) if data.text_pair_column else None
+            texts, pairs = task.verification_texts(loaded, split)
         except Exception as err:  # noqa: BLE001  (any failure to read the split: try the next, then explain)
             errors.append(f"{split}: {err}")
             continue
-        if pairs is not None and _is_rerank(loaded.task):  # whole queries, so that rankings can be compared
+        if task.verification_grouped:
             keep = list(range(min(n, len(texts))))
         else:
             keep = sorted(random.Random(seed).sample(range(len(texts)), min(n, len(texts))))
@@ -273,35 +143,6 @@ def held_out_sample(loaded: LoadedRun, n: int, seed: int = 0) -> tuple[list[str]
         f"could not read a held-out split of {data.dataset_name or data.test_file} to verify the export "
         f"({'; '.join(errors)}); pass --verify_file with one query per line"
     )
-
-
-def _is_rerank(task: Any) -> bool:
-    from querytune.tasks.ranking import RerankTask
-
-    return isinstance(task, RerankTask)
-
-
-def model_outputs(loaded: Any, texts: list[str], pairs: list[str] | None, batch_size: int = 64) -> dict[str, Any]:
-    """Per-query logits by output: `logits` for sequence classification (one score per pair for a cross-encoder);
-    word-level `slot_logits` (NaN past a query's words) and `intent_logits` for slot runs, read as each task's
-    `predict` reads them."""
-    task = loaded.task
-    if _is_rerank(task):
-        from querytune.tasks.ranking import score_pairs
-
-        max_len = task.config.model.max_seq_length
-        return {"logits": score_pairs(loaded.model, loaded.tokenizer, texts, pairs, max_len, batch_size)[:, None]}
-    if not isinstance(task, SlotsTask):
-        return {"logits": task.logits(loaded, texts, pairs, batch_size=batch_size)}
-    outs = task.infer(loaded, [split_words(t)[0] for t in texts], batch_size)
-    width = max((len(o.positions) for o in outs), default=0)
-    slots = np.full((len(outs), width, len(task.labels)), np.nan, dtype=np.float32)
-    for i, o in enumerate(outs):
-        slots[i, : len(o.positions)] = o.slot_logits
-    result: dict[str, Any] = {"slot_logits": slots}
-    if task.with_intent:
-        result["intent_logits"] = np.stack([o.intent_logits for o in outs])
-    return result
 
 
 def compare_outputs(
@@ -336,16 +177,18 @@ def compare_outputs(
 
 # --- the export
 def _prepare(out: Path, source: Path, overwrite: bool) -> None:
-    if out.resolve() == source.resolve() or (out / "querytune_run.json").exists():
+    if out.resolve() == source.resolve() or (out / MARKER).exists():
         raise ExportError(f"{out} is a run directory; export into another folder")
     if out.exists() and any(out.iterdir()):
         if is_export(out) and not overwrite:
             raise ExportError(f"{out} already holds a finished export; pass --overwrite to replace it")
-        if not is_export(out) and not (out / PARTIAL_MARKER).exists() and not overwrite:
+        if not is_export(out) and not (out / PARTIAL_EXPORT_MARKER).exists() and not overwrite:
             raise ExportError(f"{out} is not empty and is not a querytune export; choose another --output_dir")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / PARTIAL_MARKER).write_text("export in progress; a directory without querytune_export.json is unfinished\n")
+    (out / PARTIAL_EXPORT_MARKER).write_text(
+        "export in progress; a directory without querytune_export.json is unfinished\n"
+    )
 
 
 def export_run(
@@ -371,10 +214,16 @@ def export_run(
     start = time.perf_counter()
     run_dir = Path(run_dir)
     reference = LoadedRun(run_dir, merge=False, device="cpu")  # the run exactly as trained: the reference
+    if is_export(run_dir):
+        raise ExportError(f"{run_dir} is already an export; export its run directory instead")
+    reason = reference.task.export_unsupported()
+    if reason:
+        raise ExportError(f"cannot export {run_dir} (task {reference.config.data.task}): {reason}")
     out = Path(output_dir) if output_dir else default_export_dir(run_dir, fmt, quantize)
     if verify_file is not None:
-        if _is_rerank(reference.task):
-            raise ExportError("a rerank run is verified on its held-out (query, document) pairs; drop --verify_file")
+        if reference.task.verification_grouped:
+            raise ExportError(f"a {reference.config.data.task} run is verified on its held-out groups (a query's "
+                              "documents); drop --verify_file")  # fmt: skip
         if not Path(verify_file).is_file():
             raise FileNotFoundError(f"verify file not found: {verify_file}")
         lines = [line.strip() for line in Path(verify_file).read_text().splitlines() if line.strip()]
@@ -386,11 +235,11 @@ def export_run(
         sample_source = f"{split} split of {reference.config.data.dataset_name or reference.config.data.test_file}"
     _prepare(out, run_dir, overwrite)
 
-    method = reference.method
+    method, spec = reference.method, get_method(reference.method)
     model = reference.model
-    if method in MERGEABLE:
+    if spec.mergeable:
         model, merged, note = merge_peft_model(copy.deepcopy(reference.model)), True, f"{method} merged into the base"
-    elif method in PEFT_METHODS:
+    elif spec.peft:
         merged = False
         note = (
             f"method {method!r} cannot be merged: its weights (virtual tokens / bottleneck layers) are not a change "
@@ -448,13 +297,14 @@ def export_run(
         info |= {"onnx_file": ONNX_FILE, "inputs": inputs, "outputs": outputs, "opset": opset, "exporter": exporter,
                  "torch_version": torch.__version__}  # fmt: skip
     # Verify the export as it will be served, before it is marked finished.
-    exported = ExportedRun(out, info=info)
-    comparison = compare_outputs(model_outputs(reference, texts, pairs), model_outputs(exported, texts, pairs),
+    exported = LoadedRun(out, device="cpu", export_info=info)
+    comparison = compare_outputs(reference.task.verification_outputs(reference, texts, pairs),
+                                 exported.task.verification_outputs(exported, texts, pairs),
                                  groups=texts if pairs is not None else None)  # fmt: skip
     verification = {"sample": sample_source, "num_queries": len(texts), "reference": "PyTorch run, unmerged",
                     "outputs": comparison}  # fmt: skip
     write_json_atomic(out / VERIFY_FILE, verification)
-    (out / PARTIAL_MARKER).unlink()
+    (out / PARTIAL_EXPORT_MARKER).unlink()
     info |= {"verification": verification, "export_time_s": round(time.perf_counter() - start, 2)}
     write_json_atomic(out / EXPORT_MARKER, info)
     return {**info, "export_dir": str(out)}

@@ -1,4 +1,4 @@
-"""Loading word + BIO tag corpora (slot tagging, joint intent + slots) from the same sources as `data.py`.
+"""Loading word + BIO tag corpora (slot tagging, joint intent + slots) from the same sources as `querytune.data`.
 
 Every split comes out with the columns `words` (list of str), `tags` (list of str, repaired IOB2) and `tag_ids`,
 plus `intent_labels` for the joint task. Tags may be a ClassLabel sequence, a list of strings or one
@@ -15,17 +15,16 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 from querytune.config import DataArguments
 from querytune.data import (
     DataError,
-    _encode_labels,
-    _renamed,
-    _sample,
+    check_columns,
+    encode_labels,
     finish_splits,
     label_names,
     load_one_split,
-    load_raw,
-    present_splits,
-    split_names,
+    load_splits,
+    sample,
 )
-from querytune.tagging import TagError, repair_bio, tag_vocabulary
+from querytune.tasks.slots.args import SlotsArguments
+from querytune.tasks.slots.bio import TagError, repair_bio, tag_vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +43,9 @@ def _classlabel_names(ds: Dataset, column: str) -> list[str] | None:
     return list(inner.names) if isinstance(inner, ClassLabel) else None
 
 
-def _normalise(ds: Dataset, split: str, data: DataArguments, source: str, keep: list[str]) -> Dataset:
+def _normalise(ds: Dataset, split: str, args: SlotsArguments, source: str, keep: list[str]) -> Dataset:
     """Words and repaired string tags per row; errors name the split, the row and the tag."""
-    names = _classlabel_names(ds, data.tags_column)
+    names = _classlabel_names(ds, args.tags_column)
 
     def as_list(value, column: str, row: int) -> list:
         if value is None:
@@ -55,20 +54,20 @@ def _normalise(ds: Dataset, split: str, data: DataArguments, source: str, keep: 
 
     def convert(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         out: dict[str, list] = {"words": [], "tags": [], "_repaired": []}
-        for row, words, tags in zip(indices, batch[data.tokens_column], batch[data.tags_column], strict=True):
-            words = [str(w) for w in as_list(words, data.tokens_column, row)]
-            tags = as_list(tags, data.tags_column, row)
+        for row, words, tags in zip(indices, batch[args.tokens_column], batch[args.tags_column], strict=True):
+            words = [str(w) for w in as_list(words, args.tokens_column, row)]
+            tags = as_list(tags, args.tags_column, row)
             tags = [names[t] for t in tags] if names is not None else [str(t) for t in tags]
             if len(words) != len(tags):
                 raise DataError(
-                    f"{source}: split {split!r} row {row} has {len(words)} words in {data.tokens_column!r} but "
-                    f"{len(tags)} tags in {data.tags_column!r}"
+                    f"{source}: split {split!r} row {row} has {len(words)} words in {args.tokens_column!r} but "
+                    f"{len(tags)} tags in {args.tags_column!r}"
                 )
             try:
                 tags, repaired = repair_bio(tags)
             except TagError as err:
                 raise DataError(
-                    f"{source}: split {split!r} row {row} has tag {str(err)!r} in column {data.tags_column!r}, "
+                    f"{source}: split {split!r} row {row} has tag {str(err)!r} in column {args.tags_column!r}, "
                     "which is not BIO/IOB2 (expected O, B-<type> or I-<type>)"
                 ) from None
             out["words"].append(words)
@@ -105,51 +104,45 @@ def _encode_tags(ds: Dataset, split: str, tags: list[str], column: str, source: 
                   desc=f"tag ids {split}")  # fmt: skip
 
 
-def _check_columns(split: str, ds: Dataset, data: DataArguments, with_intent: bool, source: str) -> None:
-    for column in [data.tokens_column, data.tags_column] + ([data.label_column] if with_intent else []):
-        if column not in ds.column_names:
-            raise DataError(
-                f"{source}: split {split!r} has no column {column!r}; it has {ds.column_names}. "
-                "Set tokens_column / tags_column (and label_column for the intent) in the experiment file."
-            )
+def _check_columns(split: str, ds: Dataset, data: DataArguments, args: SlotsArguments, with_intent: bool,
+                   source: str) -> None:  # fmt: skip
+    columns = [args.tokens_column, args.tags_column] + ([data.label_column] if with_intent else [])
+    hint = "Set tokens_column / tags_column (and label_column for the intent) in the experiment file."
+    check_columns(split, ds, columns, source, hint)
 
 
-def load_tagging_splits(data: DataArguments, seed: int, with_intent: bool) -> TaggedSplits:
+def load_tagging_splits(data: DataArguments, args: SlotsArguments, seed: int, with_intent: bool) -> TaggedSplits:
     """Train / validation / (test) splits of a tagging corpus, and the tag (and intent) label maps.
 
     As in `load_classification_splits`, the label maps come from the whole train split before any subsetting, and a
     missing validation split is carved from train (stratified by intent for the joint task).
     """
-    raw, source = load_raw(data)
-    raw = _renamed(raw, data)
-    if data.train_split not in raw:
-        raise DataError(f"{source}: no split {data.train_split!r}; it has {list(raw)}")
-    wanted = split_names(data)
+    found, wanted, source = load_splits(data)
     keep = [data.label_column] if with_intent else []
     splits: dict[str, Dataset] = {}
     classlabel_names = None
-    for role, ds in present_splits(raw, wanted, source).items():
+    for role, ds in found.items():
         split = wanted[role]
-        _check_columns(split, ds, data, with_intent, source)
+        _check_columns(split, ds, data, args, with_intent, source)
         if role == "train":
-            classlabel_names = _classlabel_names(ds, data.tags_column)
-        splits[role] = _normalise(ds, split, data, source, keep)
+            classlabel_names = _classlabel_names(ds, args.tags_column)
+        splits[role] = _normalise(ds, split, args, source, keep)
 
     try:
         tags = tag_vocabulary(splits["train"]["tags"], classlabel_names)
     except TagError as err:
-        raise DataError(f"{source}: ClassLabel name {str(err)!r} of column {data.tags_column!r} is not BIO") from None
+        raise DataError(f"{source}: ClassLabel name {str(err)!r} of column {args.tags_column!r} is not BIO") from None
     if len(tags) < 2:
-        raise DataError(f"{source}: the train split has no entity tags in column {data.tags_column!r}")
+        raise DataError(f"{source}: the train split has no entity tags in column {args.tags_column!r}")
     intents = None
     if with_intent:
-        intents = label_names(raw[data.train_split], data.label_column)
+        intents = label_names(found["train"], data.label_column)
         if len(intents) < 2:
             raise DataError(f"{source}: column {data.label_column!r} has {len(intents)} distinct intent(s); need >= 2")
     for role in list(splits):
-        ds = _encode_tags(splits[role], wanted[role], tags, data.tags_column, source)
+        ds = _encode_tags(splits[role], wanted[role], tags, args.tags_column, source)
         if intents is not None:
-            ds = _encode_labels(ds, wanted[role], data.label_column, intents, source)
+            ds = encode_labels(ds, wanted[role], data.label_column, intents, source)
         splits[role] = ds
 
     splits = finish_splits(splits, data, seed, stratify=intents is not None)
@@ -164,14 +157,15 @@ def _finish(ds: Dataset, data: DataArguments, intents: list[str] | None) -> Data
     return ds.rename_column("labels", "intent_labels")
 
 
-def load_tagging_eval_split(data: DataArguments, split: str, tags: list[str], intents: list[str] | None) -> Dataset:
+def load_tagging_eval_split(data: DataArguments, args: SlotsArguments, split: str, tags: list[str],
+                            intents: list[str] | None) -> Dataset:  # fmt: skip
     """One split of any tagging corpus, encoded with a trained run's label maps (unknown tags are an error)."""
     ds, source = load_one_split(data, split)
     with_intent = intents is not None
-    _check_columns(split, ds, data, with_intent, source)
-    ds = _normalise(ds, split, data, source, [data.label_column] if with_intent else [])
-    ds = _encode_tags(ds, split, tags, data.tags_column, source)
+    _check_columns(split, ds, data, args, with_intent, source)
+    ds = _normalise(ds, split, args, source, [data.label_column] if with_intent else [])
+    ds = _encode_tags(ds, split, tags, args.tags_column, source)
     if with_intent:
-        ds = _encode_labels(ds, split, data.label_column, intents, source)
+        ds = encode_labels(ds, split, data.label_column, intents, source)
     ds = _finish(ds, data, intents)
-    return _sample(ds, data.max_eval_samples, 0) if data.max_eval_samples else ds
+    return sample(ds, data.max_eval_samples, 0)

@@ -2,13 +2,13 @@
 
 Any dataset with a query column (`text_column`), a document-text column (`text_pair_column`), a graded label
 (`label_column`) and optionally a document id (`document_id_column`) works: a Hub id or local csv/jsonl/parquet,
-read through `querytune.data.load_raw`.
+read through `querytune.data.load_splits`.
 
 **Split rule** (used only for the splits the dataset does not have; never a query in two splits). A query is
-grouped by its normalised text `q = query.strip().lower()`. Its bucket is
-`int(md5(f"{ranking_split_seed}:{q}").hexdigest(), 16) % 10000 / 100`, a number in [0, 100). Bucket
-`< ranking_test_percentage` is test, the next `validation_split_percentage` points are validation, the rest
-train. Queries given in the dataset's own splits are checked instead: one in two splits is an error.
+grouped by its normalised text `q = " ".join(query.split()).lower()`, and `querytune.data.split_groups` (rule
+`hash`) gives it a bucket `int(md5(f"{ranking_split_seed}:{q}").hexdigest(), 16) % 10000 / 100`, a number in
+[0, 100). Bucket `< ranking_test_percentage` is test, the next `validation_split_percentage` points are validation,
+the rest train. Queries given in the dataset's own splits are checked instead: one in two splits is an error.
 
 The catalogue searched at evaluation is `catalogue_file` or, by default, every distinct document of every split
 (before any subsampling).
@@ -16,26 +16,16 @@ The catalogue searched at evaluation is `catalogue_file` or, by default, every d
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
-import numpy as np
 import pandas as pd
 from datasets import Dataset, DatasetDict
 
 from querytune.config import DataArguments
-from querytune.data import (
-    DataError,
-    _builder_for,
-    _discover_split_files,
-    _renamed,
-    load_raw,
-    present_splits,
-    split_names,
-)
+from querytune.data import DataError, hash_bucket, load_raw, load_splits, sample, split_groups
+from querytune.tasks.ranking.args import RankingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -57,22 +47,14 @@ def normalise_query(query: str) -> str:
 
 def query_bucket(query: str, seed: int = 0) -> float:
     """The query's place in [0, 100) under the seeded md5 split rule (see the module docstring)."""
-    digest = hashlib.md5(f"{seed}:{normalise_query(query)}".encode()).hexdigest()
-    return int(digest, 16) % 10000 / 100
+    return hash_bucket(normalise_query(query), seed)
 
 
-def assign_split(query: str, seed: int, test_percentage: float, validation_percentage: float) -> str:
-    bucket = query_bucket(query, seed)
-    if bucket < test_percentage:
-        return "test"
-    return "validation" if bucket < test_percentage + validation_percentage else "train"
-
-
-def _frame(ds: Dataset, split: str, data: DataArguments, source: str) -> pd.DataFrame:
+def _frame(ds: Dataset, split: str, data: DataArguments, args: RankingArguments, source: str) -> pd.DataFrame:
     """One split as a frame with the standard columns; missing columns, empty texts or non-numeric labels fail."""
     needed = [data.text_column, data.text_pair_column, data.label_column]
-    if data.document_id_column:
-        needed.append(data.document_id_column)
+    if args.document_id_column:
+        needed.append(args.document_id_column)
     for column in needed:
         if column not in ds.column_names:
             raise DataError(
@@ -90,7 +72,7 @@ def _frame(ds: Dataset, split: str, data: DataArguments, source: str) -> pd.Data
         raise DataError(
             f"{source}: split {split!r} column {data.label_column!r} needs numeric relevance grades; got {bad}"
         )
-    doc_ids = df[data.document_id_column].astype(str) if data.document_id_column else df[data.text_pair_column]
+    doc_ids = df[args.document_id_column].astype(str) if args.document_id_column else df[data.text_pair_column]
     return pd.DataFrame(
         {
             "query_id": df[data.text_column].map(normalise_query),
@@ -102,73 +84,31 @@ def _frame(ds: Dataset, split: str, data: DataArguments, source: str) -> pd.Data
     )
 
 
-def _local_files(data: DataArguments) -> dict[str, str]:
-    """Split → local file, found as `load_raw` finds them (empty for a Hub dataset)."""
-    files = {k: v for k, v in (("train", data.train_file), ("validation", data.validation_file),
-                               ("test", data.test_file)) if v}  # fmt: skip
-    if data.dataset_name and Path(data.dataset_name).is_dir():
-        files = {**_discover_split_files(Path(data.dataset_name)), **files}
-    elif data.dataset_name and Path(data.dataset_name).is_file():
-        files = {"train": data.dataset_name, **files}
-    return files
-
-
-def _local_csv(data: DataArguments) -> bool:
-    files = _local_files(data)
-    return bool(files) and _builder_for(list(files.values()))[0] == "csv"
-
-
-def _load(data: DataArguments) -> tuple[datasets.DatasetDict, str]:
-    """`load_raw`, except that local csv/tsv files are read with `csv_encoding` when it is set (other formats
-    ignore it): `load_raw` reads UTF-8 only, and the Home Depot file is latin-1."""
-    if not data.csv_encoding or not _local_csv(data):
-        try:
-            raw, source = load_raw(data)
-        except DataError as err:
-            cause: BaseException | None = err
-            while cause is not None and not isinstance(cause, UnicodeDecodeError):
-                cause = cause.__cause__ or cause.__context__
-            if cause is not None or "codec can't decode" in str(err.__cause__.__cause__ if err.__cause__ else ""):
-                raise DataError(f"{err}; the file is not UTF-8: set csv_encoding (e.g. latin-1)") from err
-            raise
-        return _renamed(raw, data), source
-    files = _local_files(data)
-    builder, kwargs = _builder_for(list(files.values()))
-    source = data.dataset_name or ", ".join(files.values())
-    try:
-        raw = datasets.load_dataset(builder, data_files=files, encoding=data.csv_encoding, **kwargs)
-    except Exception as err:  # the loaders raise many types; the file name is what the user needs
-        raise DataError(f"could not read {source} as {data.csv_encoding}: {type(err).__name__}: {err}") from err
-    return _renamed(raw, data), source
-
-
-def load_ranking_data(data: DataArguments, seed: int) -> RankingData:
+def load_ranking_data(data: DataArguments, args: RankingArguments, seed: int) -> RankingData:
     """Train / validation / test frames grouped by query, subsampled by query, plus the full catalogue."""
-    raw, source = _load(data)
-    wanted = split_names(data)
-    if data.train_split not in raw:
-        raise DataError(f"{source}: no split {data.train_split!r}; it has {list(raw)}")
-    given = {role: _frame(ds, wanted[role], data, source) for role, ds in present_splits(raw, wanted, source).items()}
+    found, wanted, source = load_splits(data)
+    given = {role: _frame(ds, wanted[role], data, args, source) for role, ds in found.items()}
     catalogue = build_catalogue(list(given.values()))
-    if data.catalogue_file:
-        catalogue = read_catalogue(data.catalogue_file, data)
+    if args.catalogue_file:
+        catalogue = read_catalogue(args.catalogue_file, data, args)
 
     missing = [role for role in ("validation", "test") if role not in given and (role != "test" or data.test_split)]
     if missing:  # carve the missing roles out of train by the query hash
         train = given["train"]
-        roles = train["query_id"].map(lambda q: assign_split(q, data.ranking_split_seed, data.ranking_test_percentage,
-                                                             data.validation_split_percentage))  # fmt: skip
+        split = split_groups(train["query_id"], args.ranking_test_percentage, data.validation_split_percentage,
+                             args.ranking_split_seed, rule="hash")  # fmt: skip
+        roles = train["query_id"].map(split)
         for role in missing:
             given[role] = train[roles == role].reset_index(drop=True)
         given["train"] = train[~roles.isin(missing)].reset_index(drop=True)
-        logger.info("split by query hash (seed %d): %s", data.ranking_split_seed,
+        logger.info("split by query hash (seed %d): %s", args.ranking_split_seed,
                     {r: f"{df['query_id'].nunique()} queries / {len(df)} pairs" for r, df in given.items()})  # fmt: skip
     check_no_leakage(given, source)
     for role, df in given.items():
         if df.empty:
             raise DataError(f"{source}: split {role!r} has no rows after splitting by query")
 
-    limits = {"train": data.max_train_queries, "validation": data.max_eval_queries, "test": data.max_eval_queries}
+    limits = {"train": args.max_train_queries, "validation": args.max_eval_queries, "test": args.max_eval_queries}
     for role, df in given.items():
         if limits.get(role):
             given[role] = sample_queries(df, limits[role], seed)
@@ -188,10 +128,7 @@ def check_no_leakage(frames: dict[str, pd.DataFrame], source: str) -> None:
 
 def sample_queries(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     """All rows of a seeded sample of n queries (sorted first, so the sample does not depend on row order)."""
-    queries = np.sort(df["query_id"].unique())
-    if n >= len(queries):
-        return df
-    keep = set(np.random.default_rng(seed).choice(queries, size=n, replace=False).tolist())
+    keep = set(sample(sorted(df["query_id"].unique()), n, seed))
     return df[df["query_id"].isin(keep)].reset_index(drop=True)
 
 
@@ -204,7 +141,7 @@ def build_catalogue(frames: list[pd.DataFrame]) -> dict[str, str]:
     return catalogue
 
 
-def read_catalogue(path: str, data: DataArguments) -> dict[str, str]:
+def read_catalogue(path: str, data: DataArguments, args: RankingArguments) -> dict[str, str]:
     """A catalogue file: .txt (one document per line; the text is the id) or a table with the document columns."""
     file = Path(path)
     if not file.is_file():
@@ -214,7 +151,7 @@ def read_catalogue(path: str, data: DataArguments) -> dict[str, str]:
         return {line: line for line in lines}
     raw, source = load_raw(DataArguments(task=data.task, train_file=str(file), text_pair_column="x"))
     ds = raw["train"]
-    text_col, id_col = data.text_pair_column, data.document_id_column
+    text_col, id_col = data.text_pair_column, args.document_id_column
     for column in [text_col] + ([id_col] if id_col else []):
         if column not in ds.column_names:
             raise DataError(f"catalogue {path}: no column {column!r}; it has {ds.column_names}")

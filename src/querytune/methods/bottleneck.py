@@ -23,7 +23,8 @@ non-linear, so they cannot be merged into the base weights: ``merge``/``merge_an
 ``NotImplementedError``; ``unload`` (remove without merging) works.
 
 Caveat: the ``PeftType.BOTTLENECK`` member and the PEFT registration only exist in a process that has imported this
-module; load saved adapters after ``import querytune.peft_adapter``.
+module; load saved adapters after ``querytune.methods.register_bottleneck()`` (querytune's own loaders
+call it).
 """
 
 from __future__ import annotations

@@ -14,9 +14,9 @@ from datasets import DatasetDict
 from sklearn.metrics import classification_report, confusion_matrix
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, EvalPrediction
 
-from querytune.data import load_classification_splits, load_eval_split
 from querytune.metrics import load_metric
 from querytune.tasks.base import Task, length_batches
+from querytune.tasks.classification.data import load_classification_splits, load_eval_split
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,20 @@ class ClassificationTask(Task):
     peft_task_type = peft.TaskType.SEQ_CLS
     # The metric that decides the best checkpoint when the experiment does not say.
     default_metric = "accuracy"
+    card_tags = ("intent-classification",)
+    card_metrics = {
+        "accuracy": ("accuracy", "Accuracy", 100.0),
+        "macro_f1": ("f1", "Macro F1", 100.0),
+        "in_scope_accuracy": ("accuracy", "In-scope accuracy", 100.0),
+        "oos_recall": ("recall", "Out-of-scope recall", 100.0),
+    }
+    report_columns = [
+        ("in_scope_accuracy", "in-scope acc %", 100.0),
+        ("oos_recall", "OOS recall %", 100.0),
+        ("accuracy", "accuracy %", 100.0),
+        ("macro_f1", "macro-F1 %", 100.0),
+    ]
+    report_shadowed = {"accuracy": "in_scope_accuracy"}  # with OOS detection, accuracy mixes the two
 
     # --- data
     def load_data(self) -> DatasetDict:
@@ -126,7 +140,7 @@ class ClassificationTask(Task):
                 out[i] = logits[row]
         return np.stack(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
 
-    def predict(self, run, texts: list[str], top_k: int = 3, batch_size: int = 64) -> list[dict[str, Any]]:
+    def predict(self, run, texts: list[str], top_k: int = 3, batch_size: int = 64, **inputs) -> list[dict[str, Any]]:
         """Label, score and the top-k labels with probabilities for each query."""
         probs = torch.softmax(torch.from_numpy(self.logits(run, texts, batch_size=batch_size)), dim=-1).numpy()
         results = []
@@ -152,6 +166,17 @@ class ClassificationTask(Task):
         metrics = self.compute_metrics(EvalPrediction(predictions=logits, label_ids=labels))
         self.write_reports(logits, labels, out_dir, split)
         return {"num_examples": len(ds), **metrics}
+
+    # --- export
+    def verification_texts(self, run, split: str) -> tuple[list[str], list[str] | None]:
+        data = self.config.data
+        ds = load_eval_split(data, split, self.labels)
+        return [t or "" for t in ds[data.text_column]], list(
+            ds[data.text_pair_column]
+        ) if data.text_pair_column else None
+
+    def verification_outputs(self, run, texts, pairs, batch_size: int = 64) -> dict[str, Any]:
+        return {"logits": self.logits(run, texts, pairs, batch_size=batch_size)}
 
 
 def most_confused_pairs(matrix: np.ndarray, labels: list[str], k: int = 25) -> list[dict[str, Any]]:

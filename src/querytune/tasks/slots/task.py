@@ -21,10 +21,12 @@ from sklearn.metrics import classification_report, confusion_matrix
 from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification, EvalPrediction
 
 from querytune.config import ExperimentConfig
-from querytune.joint_model import AutoModelForIntentAndSlots
+from querytune.methods.registry import get_method
 from querytune.metrics import load_metric
-from querytune.slot_data import load_tagging_eval_split, load_tagging_splits
-from querytune.tagging import (
+from querytune.tasks.base import Task, length_batches
+from querytune.tasks.classification.task import most_confused_pairs
+from querytune.tasks.slots.args import SlotsArguments
+from querytune.tasks.slots.bio import (
     IGNORE_INDEX,
     OUTSIDE,
     align_labels,
@@ -36,21 +38,15 @@ from querytune.tagging import (
     spans_from_tags,
     split_words,
 )
-from querytune.tasks.base import Task, length_batches
-from querytune.tasks.classification import most_confused_pairs
+from querytune.tasks.slots.data import load_tagging_eval_split, load_tagging_splits
+from querytune.tasks.slots.joint_model import AutoModelForIntentAndSlots
 
 logger = logging.getLogger(__name__)
 
-# methods._prompt's default soft-prompt length: prompt tuning prepends this many positions to the model's output.
-PROMPT_DEFAULT_TOKENS = 20
-
 
 def prompt_length(config: ExperimentConfig) -> int:
-    """How many virtual tokens prompt tuning puts in front of the input (0 for every other method)."""
-    if config.method.method != "prompt":
-        return 0
-    n = config.method.prompt_num_virtual_tokens
-    return PROMPT_DEFAULT_TOKENS if n is None else n
+    """How many virtual tokens the method puts in front of the model's output (prompt tuning; 0 for the others)."""
+    return get_method(config.method.method).num_virtual_tokens(config.method)
 
 
 @dataclass
@@ -104,6 +100,11 @@ class SlotsTask(Task):
     peft_task_type = peft.TaskType.TOKEN_CLS
     default_metric = "f1"
     with_intent = False
+    arguments = SlotsArguments
+    pipeline_tag = "token-classification"
+    card_tags = ("slot-filling",)
+    card_metrics = {"f1": ("f1", "Slot F1 (entity-level)", 100.0)}
+    report_columns = [("f1", "slot F1 %", 100.0)]
 
     def __init__(self, config: ExperimentConfig) -> None:
         super().__init__(config)  # self.labels: the tag label map
@@ -113,7 +114,9 @@ class SlotsTask(Task):
 
     # --- data
     def load_data(self) -> DatasetDict:
-        tagged = load_tagging_splits(self.config.data, self.config.training.seed, with_intent=self.with_intent)
+        tagged = load_tagging_splits(
+            self.config.data, self.args, self.config.training.seed, with_intent=self.with_intent
+        )
         self.labels, self.intents = tagged.tags, tagged.intents
         return tagged.splits
 
@@ -166,7 +169,7 @@ class SlotsTask(Task):
             ds = ds.map(
                 encode,
                 batched=True,
-                fn_kwargs={"label_all": data.label_all_tokens and name == "train"},
+                fn_kwargs={"label_all": self.args.label_all_tokens and name == "train"},
                 remove_columns=ds.column_names,
                 num_proc=data.preprocessing_num_workers,
                 desc=f"tokenising {name}",
@@ -213,7 +216,7 @@ class SlotsTask(Task):
         return load_metric("slots").compute(
             predictions=predicted,
             references=gold,
-            mode="strict" if self.config.data.strict_iob2 else None,
+            mode="strict" if self.args.strict_iob2 else None,
             intent_predictions=intent_predicted,
             intent_references=intent_gold,
             report=report,
@@ -237,7 +240,7 @@ class SlotsTask(Task):
         W&B and the Hub read it alike), span errors in `{split}_span_errors.json`, per-intent reports (joint)."""
         with_intent = self.with_intent and intent_gold is not None and intent_predicted is not None
         result = self._slot_metric(gold, predicted, report=True)
-        mode = "strict IOB2" if self.config.data.strict_iob2 else "seqeval default (conlleval)"
+        mode = "strict IOB2" if self.args.strict_iob2 else "seqeval default (conlleval)"
         # seqeval's macro average over zero types is NaN (None here): report it as 0, its zero_division value
         report = {name: {k: 0.0 if v is None else v for k, v in row.items()} for name, row in result["report"].items()}
         (out_dir / f"{split}_report.json").write_text(json.dumps(report, indent=2))
@@ -292,14 +295,16 @@ class SlotsTask(Task):
 
     def logits(self, run, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64) -> np.ndarray:
         """Word-level tag logits [queries, most words, tags] of whitespace-split queries, NaN past a query's end."""
-        outputs = self.infer(run, [split_words(t)[0] for t in texts], batch_size)
+        return self._stack(self.infer(run, [split_words(t)[0] for t in texts], batch_size))
+
+    def _stack(self, outputs: list[QueryOutput]) -> np.ndarray:
         width = max((len(o.positions) for o in outputs), default=0)
         stacked = np.full((len(outputs), width, len(self.labels)), np.nan, dtype=np.float32)
         for i, o in enumerate(outputs):
             stacked[i, : len(o.positions)] = o.slot_logits
         return stacked
 
-    def predict(self, run, texts: list[str], top_k: int = 3, batch_size: int = 64) -> list[dict[str, Any]]:
+    def predict(self, run, texts: list[str], top_k: int = 3, batch_size: int = 64, **inputs) -> list[dict[str, Any]]:
         """Slot spans with character offsets into each query, and for a joint run the intent.
 
         A span's score is the mean, over its words, of the probability of the word's predicted tag (at the
@@ -314,7 +319,7 @@ class SlotsTask(Task):
             # A word without a sub-token (cut by truncation) cannot be part of a slot.
             tags = [self.labels[t] if p is not None else OUTSIDE for t, p in zip(ids, output.positions, strict=True)]
             spans = []
-            for span in spans_from_tags(tags, strict=self.config.data.strict_iob2):
+            for span in spans_from_tags(tags, strict=self.args.strict_iob2):
                 start, end = offsets[span.start][0], offsets[span.end - 1][1]
                 score = float(np.mean([probs[w, ids[w]] for w in range(span.start, span.end)]))
                 spans.append({"text": text[start:end], "label": span.label, "start": start, "end": end,
@@ -334,7 +339,7 @@ class SlotsTask(Task):
 
         Words without a sub-token (cut by truncation) are left out of the scores, as in evaluation during training.
         """
-        ds = load_tagging_eval_split(self.config.data, split, self.labels, self.intents)
+        ds = load_tagging_eval_split(self.config.data, self.args, split, self.labels, self.intents)
         outputs = self.infer(run, ds["words"], batch_size)
         gold, predicted, lost = [], [], []
         for tags, output in zip(ds["tags"], outputs, strict=True):
@@ -354,6 +359,19 @@ class SlotsTask(Task):
         self._write_reports(gold, predicted, intent_gold, intent_predicted, out_dir, split)
         return {"num_examples": len(ds), **metrics}
 
+    # --- export
+    def verification_texts(self, run, split: str) -> tuple[list[str], list[str] | None]:
+        ds = load_tagging_eval_split(self.config.data, self.args, split, self.labels, self.intents)
+        return [" ".join(words) for words in ds["words"]], None
+
+    def verification_outputs(self, run, texts, pairs, batch_size: int = 64) -> dict[str, Any]:
+        """Word-level `slot_logits` (NaN past a query's words) and, for the joint task, `intent_logits`."""
+        outs = self.infer(run, [split_words(t)[0] for t in texts], batch_size)
+        result: dict[str, Any] = {"slot_logits": self._stack(outs)}
+        if self.with_intent:
+            result["intent_logits"] = np.stack([o.intent_logits for o in outs])
+        return result
+
 
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(axis=-1, keepdims=True))
@@ -366,6 +384,14 @@ class IntentSlotsTask(SlotsTask):
     model_class = AutoModelForIntentAndSlots
     default_metric = "exact_match"
     with_intent = True
+    card_tags = ("intent-classification", "slot-filling")
+    card_metrics = {
+        "slot_f1": ("f1", "Slot F1 (entity-level)", 100.0),
+        "intent_accuracy": ("accuracy", "Intent accuracy", 100.0),
+        "exact_match": ("exact_match", "Exact match (intent and all slots)", 100.0),
+    }
+    report_columns = [("intent_accuracy", "intent acc %", 100.0), ("slot_f1", "slot F1 %", 100.0),
+                      ("exact_match", "exact match %", 100.0)]  # fmt: skip
 
     def __init__(self, config: ExperimentConfig) -> None:
         super().__init__(config)

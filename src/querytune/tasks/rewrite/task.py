@@ -36,31 +36,22 @@ from transformers import (
     Seq2SeqTrainer,
 )
 
-from querytune.data import DataError
+from querytune.data import DataError, sample
+from querytune.methods.registry import get_method
 from querytune.metrics import load_metric
 from querytune.models import ModelError, _new_modules, load_pretrained, load_tokenizer, resolve_model_path
-from querytune.rewrite_data import (
-    Row,
-    clean_candidates,
-    fit_context,
-    group_split,
-    load_rows,
-    sample_rows,
-    training_pairs,
-)
 from querytune.tasks.base import Task, length_batches
+from querytune.tasks.rewrite.args import RewriteArguments
+from querytune.tasks.rewrite.data import Row, group_split, load_rows
+from querytune.tasks.rewrite.prompts import CONTEXT_SEPARATOR, clean_candidates, fit_context, training_pairs
 
 logger = logging.getLogger(__name__)
-
-# Methods that make sense for generation; `freeze` and the bottleneck `adapter` assume an encoder + head.
-GENERATIVE_METHODS = ("full", "lora", "adalora", "ia3", "prefix", "prompt")
-CONTEXT_SEPARATOR = " ||| "  # `querytune predict`: "earlier turn ||| earlier turn ||| follow-up"
 
 
 def is_encoder_decoder(config) -> bool:
     """Which family the run uses: a warm start is always encoder-decoder; otherwise the model config says."""
-    data, model = config.data, config.model
-    if data.rewrite_warm_start_decoder:
+    model = config.model
+    if config.task_args.rewrite_warm_start_decoder:
         return True
     path = resolve_model_path(model.model_name_or_path)
     try:
@@ -79,16 +70,21 @@ class RewriteTask(Task):
 
     trainer_class = Seq2SeqTrainer
     default_metric = "rougeL"
+    arguments = RewriteArguments
+    pipeline_tag = "text-generation"  # text2text-generation for an encoder-decoder run (see `card_info`)
+    card_tags = ("query-rewriting",)
+    card_metrics = {
+        "rougeL": ("rouge", "ROUGE-L", 1.0),
+        "bleu": ("bleu", "BLEU", 1.0),
+        "exact_match": ("exact_match", "Exact match", 1.0),
+    }
+    report_columns = [("rougeL", "ROUGE-L", 1.0), ("bleu", "BLEU", 1.0), ("exact_match", "rewrite EM %", 1.0)]
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        if config.method.method not in GENERATIVE_METHODS:
-            raise ValueError(
-                f"task 'rewrite' supports methods {GENERATIVE_METHODS}; method {config.method.method!r} needs an "
-                "encoder with a classification head"
-            )
         self.encoder_decoder = is_encoder_decoder(config)
-        if config.data.rewrite_warm_start_decoder and config.method.method in ("prefix", "prompt"):
+        method = get_method(config.method.method)
+        if self.args.rewrite_warm_start_decoder and method.prompt_learning:
             raise ValueError(
                 f"method {config.method.method!r} cannot be applied to an EncoderDecoderModel warm start: PEFT reads "
                 "hidden_size / num_layers from the model config, which EncoderDecoderConfig does not have; use full, "
@@ -106,14 +102,23 @@ class RewriteTask(Task):
         self.rows: dict[str, list[Row]] = {}
         self.tokenizer = None
 
+    @classmethod
+    def card_info(cls, label_info: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+        seq2seq = label_info.get("family") == "encoder-decoder"
+        return ("text2text-generation" if seq2seq else "text-generation"), cls.card_tags
+
+    def export_unsupported(self) -> str | None:
+        return ("a rewrite run generates text token by token; it is served from its run directory (`querytune "
+                "serve RUN`), not exported to a single-pass ONNX graph")  # fmt: skip
+
     # --- data
     def label_info(self) -> dict[str, Any]:
         return {"labels": [], "family": "encoder-decoder" if self.encoder_decoder else "decoder-only"}
 
     def load_data(self) -> DatasetDict:
         """Rows by role: the corpus's own splits, or a seeded split by conversation / query (no group in two)."""
-        data, seed = self.config.data, self.config.training.seed
-        by_split, fmt = load_rows(data)
+        data, args, seed = self.config.data, self.args, self.config.training.seed
+        by_split, fmt = load_rows(data, args)
         wanted = {"train": data.train_split, "validation": data.validation_split}
         if data.test_split:
             wanted["test"] = data.test_split
@@ -122,14 +127,14 @@ class RewriteTask(Task):
         else:
             if data.train_split not in by_split:
                 raise DataError(f"{data.dataset_name or data.train_file}: no split {data.train_split!r}")
-            test_pct = data.rewrite_test_percentage if data.test_split else 0.0
+            test_pct = args.rewrite_test_percentage if data.test_split else 0.0
             rows = group_split(by_split[data.train_split], data.validation_split_percentage, test_pct, seed)
             logger.info("split by %s: %s", "query" if fmt == "mimics" else "conversation",
                         {k: (len(v), len({r["group"] for r in v})) for k, v in rows.items()})  # fmt: skip
-        rows["train"] = sample_rows(rows["train"], data.max_train_samples, seed)
+        rows["train"] = sample(rows["train"], data.max_train_samples, seed)
         for role in ("validation", "test"):
             if role in rows:
-                rows[role] = sample_rows(rows[role], data.max_eval_samples, seed)
+                rows[role] = sample(rows[role], data.max_eval_samples, seed)
         self.rows = rows
         return DatasetDict({role: Dataset.from_list([_flat(r) for r in items]) for role, items in rows.items()})
 
@@ -147,42 +152,42 @@ class RewriteTask(Task):
     def source_budget(self) -> int:
         """Tokens the prompt may take: all of max_seq_length (seq2seq) or what the target leaves (causal)."""
         max_len = self.config.model.max_seq_length
-        return max_len if self.encoder_decoder else max(8, max_len - self.config.data.rewrite_max_target_length)
+        return max_len if self.encoder_decoder else max(8, max_len - self.args.rewrite_max_target_length)
 
     def prompt(self, row: Row, tokenizer) -> tuple[str, int]:
         """The model input for one row, context cut oldest-first to the budget; and the turns dropped."""
-        data = self.config.data
+        args = self.args
 
         def count(text: str) -> int:
             return len(tokenizer(text)["input_ids"])
 
-        return fit_context(data.rewrite_prompt_template, row["query"], list(row["context"]), count,
-                           self.source_budget(), data.rewrite_max_context_turns)  # fmt: skip
+        return fit_context(args.rewrite_prompt_template, row["query"], list(row["context"]), count,
+                           self.source_budget(), args.rewrite_max_context_turns)  # fmt: skip
 
     def encode_pair(self, prompt: str, target: str, tokenizer) -> dict[str, list[int]]:
         """input_ids / attention_mask / labels for one (prompt, target) pair of the run's family."""
-        data = self.config.data
+        args = self.args
         if self.encoder_decoder:
             enc = tokenizer(prompt, truncation=True, max_length=self.config.model.max_seq_length)
-            labels = tokenizer(text_target=target, truncation=True, max_length=data.rewrite_max_target_length)
+            labels = tokenizer(text_target=target, truncation=True, max_length=args.rewrite_max_target_length)
             return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                     "labels": labels["input_ids"]}  # fmt: skip
         prompt_ids = tokenizer(prompt, truncation=True, max_length=self.source_budget())["input_ids"]
         target_ids = tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"]
-        target_ids = target_ids[: data.rewrite_max_target_length - 1] + [tokenizer.eos_token_id]
+        target_ids = target_ids[: args.rewrite_max_target_length - 1] + [tokenizer.eos_token_id]
         # Loss on the target only: every prompt token is masked out of the labels.
         return {"input_ids": prompt_ids + target_ids, "attention_mask": [1] * (len(prompt_ids) + len(target_ids)),
                 "labels": [-100] * len(prompt_ids) + target_ids}  # fmt: skip
 
     def tokenize(self, splits: DatasetDict, tokenizer) -> DatasetDict:
         self._prepare_tokenizer(tokenizer)
-        data = self.config.data
+        args = self.args
         out = {}
         for role in splits:
             rows = self.rows.get(role) or [_unflat(r) for r in splits[role]]
             encoded, dropped, cut = [], 0, 0
             prompts: dict[tuple, tuple[str, int]] = {}  # the targets of one row share its prompt: fit it once
-            for pair in training_pairs(rows, data.rewrite_multi_target, data.rewrite_target_separator):
+            for pair in training_pairs(rows, args.rewrite_multi_target, args.rewrite_target_separator):
                 key = (pair["query"], tuple(pair["context"]))
                 if key not in prompts:
                     prompts[key] = self.prompt(pair, tokenizer)
@@ -203,8 +208,8 @@ class RewriteTask(Task):
 
     # --- model and trainer
     def load_model(self, name_or_path: str | None = None) -> tuple[PreTrainedModel, list[str]]:
-        cfg, data = self.config.model, self.config.data
-        if name_or_path is None and data.rewrite_warm_start_decoder:
+        cfg, args = self.config.model, self.args
+        if name_or_path is None and args.rewrite_warm_start_decoder:
             model, new = self._warm_start()
         elif name_or_path is not None:
             model, new = load_pretrained(self.model_class, name_or_path)
@@ -212,7 +217,7 @@ class RewriteTask(Task):
             model, new = load_pretrained(self.model_class, cfg.model_name_or_path, cfg.model_revision,
                                          cfg.trust_remote_code)  # fmt: skip
         # Seq2SeqTrainer's generation otherwise pads to generation_config.max_length (20) (see NOTES.md).
-        model.generation_config.max_new_tokens = data.rewrite_max_new_tokens
+        model.generation_config.max_new_tokens = args.rewrite_max_new_tokens
         model.generation_config.max_length = None
         return model, new
 
@@ -220,9 +225,9 @@ class RewriteTask(Task):
         """A BERT2BERT EncoderDecoderModel: cross-attention and the LM head bias are new (trained by every method)."""
         from transformers import EncoderDecoderModel
 
-        cfg, data = self.config.model, self.config.data
+        cfg, args = self.config.model, self.args
         encoder = resolve_model_path(cfg.model_name_or_path)
-        decoder = resolve_model_path(data.rewrite_warm_start_decoder)
+        decoder = resolve_model_path(args.rewrite_warm_start_decoder)
         try:
             model = EncoderDecoderModel.from_encoder_decoder_pretrained(encoder, decoder)
         except (OSError, ValueError) as err:
@@ -276,25 +281,25 @@ class RewriteTask(Task):
     # --- generation
     def generation_kwargs(self, k: int) -> dict[str, Any]:
         """Keyword arguments of `generate` for k candidates, with headroom for the ones de-duplication drops."""
-        data = self.config.data
-        mode = data.rewrite_generation
+        args = self.args
+        mode = args.rewrite_generation
         if mode == "greedy" and k > 1:  # `predict --top_k 3` on a greedy run: beam search gives k candidates
             mode = "beam"
         if mode == "greedy":
             return {"do_sample": False, "num_beams": 1, "num_return_sequences": 1}
         if mode == "beam":
-            beams = max(data.rewrite_num_beams or 4, k + 1)
+            beams = max(args.rewrite_num_beams or 4, k + 1)
             return {"do_sample": False, "num_beams": beams, "num_return_sequences": beams}
         return {"do_sample": True, "num_beams": 1, "num_return_sequences": 2 * k + 1,
-                "temperature": data.rewrite_temperature, "top_p": data.rewrite_top_p}  # fmt: skip
+                "temperature": args.rewrite_temperature, "top_p": args.rewrite_top_p}  # fmt: skip
 
     @torch.inference_mode()
     def generate(
         self, model, tokenizer, rows: list[Row], batch_size: int = 32, k: int | None = None
     ) -> list[list[str]]:
         """Up to k cleaned candidates per row (k: rewrite_num_candidates), best first."""
-        data = self.config.data
-        k = k or data.rewrite_num_candidates
+        args = self.args
+        k = k or args.rewrite_num_candidates
         self._prepare_tokenizer(tokenizer)
         kwargs = self.generation_kwargs(k)
         n = kwargs["num_return_sequences"]
@@ -313,7 +318,7 @@ class RewriteTask(Task):
                 gen = model.generate(
                     input_ids=enc["input_ids"].to(device),
                     attention_mask=enc["attention_mask"].to(device),
-                    max_new_tokens=data.rewrite_max_new_tokens,
+                    max_new_tokens=args.rewrite_max_new_tokens,
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id if not self.encoder_decoder else None,
                     **kwargs,
@@ -324,7 +329,7 @@ class RewriteTask(Task):
                 for j, i in enumerate(idx):
                     # A causal LM may run on into a new "Query:" line: keep the first line.
                     raw = [t.strip().split("\n")[0] for t in texts[j * n : (j + 1) * n]]
-                    query = rows[i]["query"] if data.rewrite_drop_copies else "\0"
+                    query = rows[i]["query"] if args.rewrite_drop_copies else "\0"
                     results[i] = clean_candidates(raw, query, k)
             out = [results[i] for i in range(len(rows))]
         finally:
@@ -333,7 +338,7 @@ class RewriteTask(Task):
         return out
 
     # --- a loaded run
-    def predict(self, run, texts: list[str], top_k: int = 3, batch_size: int = 64) -> list[dict[str, Any]]:
+    def predict(self, run, texts: list[str], top_k: int = 3, batch_size: int = 64, **inputs) -> list[dict[str, Any]]:
         """Up to top_k rewrites per query; earlier turns may precede it, separated by ' ||| '."""
         rows = []
         for text in texts:
@@ -345,12 +350,12 @@ class RewriteTask(Task):
 
     def evaluate(self, run, split: str, out_dir: Path, batch_size: int = 64) -> dict[str, Any]:
         """Score a loaded run on a split; an unsplit corpus is split by group exactly as in training."""
-        data = self.config.data
-        by_split, fmt = load_rows(data)
+        data, args = self.config.data, self.args
+        by_split, fmt = load_rows(data, args)
         if split in by_split and (fmt == "columns" or split != data.train_split):
             rows = by_split[split]
         else:
-            test_pct = data.rewrite_test_percentage if data.test_split else 0.0
+            test_pct = args.rewrite_test_percentage if data.test_split else 0.0
             parts = group_split(by_split[data.train_split], data.validation_split_percentage, test_pct,
                                 self.config.training.seed)  # fmt: skip
             role = {data.validation_split: "validation", data.test_split: "test", data.train_split: "train"}.get(split)
@@ -358,7 +363,7 @@ class RewriteTask(Task):
                 raise DataError(f"{data.dataset_name or data.train_file}: no split {split!r}; it has "
                                 f"{sorted(set(by_split) | {data.train_split, data.validation_split, data.test_split} - {None})}")  # fmt: skip
             rows = parts[role]
-        rows = sample_rows([r for r in rows if r["targets"]], data.max_eval_samples, self.config.training.seed)
+        rows = sample([r for r in rows if r["targets"]], data.max_eval_samples, self.config.training.seed)
         candidates = self.generate(run.model, run.tokenizer, rows, batch_size=batch_size)
         write_predictions(out_dir / f"{split}_predictions.jsonl", rows, candidates)
         return {"num_examples": len(rows), **score(candidates, [r["targets"] for r in rows])}

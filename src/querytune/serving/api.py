@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -97,7 +96,7 @@ class MicroBatcher:
         # One thread per model: model calls of one run never overlap, and the event loop stays free.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
         # A cross-encoder (rerank) ranks each request's own candidates: its requests are scored one by one.
-        self.takes_candidates = "candidates" in inspect.signature(loaded.task.predict).parameters
+        self.takes_candidates = "candidates" in loaded.task.request_inputs
         self.busy = False
         self._carry: _Item | None = None
         self._task: asyncio.Task | None = None
@@ -116,7 +115,7 @@ class MicroBatcher:
             return [r for item in items for r in self.loaded.task.predict(
                 self.loaded, item.queries, top_k=item.top_k or 0, batch_size=self.settings.max_batch,
                 candidates=item.candidates)]  # fmt: skip
-        top_k = max(item.top_k or DEFAULT_TOP_K for item in items)
+        top_k = max(item.top_k or self.loaded.task.default_top_k for item in items)
         texts = [q for item in items for q in item.queries]
         return self.loaded.predict(texts, top_k=top_k, batch_size=len(texts))
 
@@ -198,10 +197,28 @@ def _error(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": message, **extra})
 
 
-def create_app(runs: dict[str, Any], settings: ServeSettings | None = None) -> FastAPI:
-    """The API over loaded runs (`LoadedRun` or `ExportedRun`, by name)."""
-    from querytune.export import serving_metadata
+def serving_metadata(loaded: Any) -> dict[str, Any]:
+    """What `GET /metadata` says about a loaded run or export."""
+    info = loaded.info or {}
+    task = loaded.task
+    meta = {
+        "path": str(loaded.run_dir),
+        "task": loaded.config.data.task,
+        "base_model": info.get("base_model", loaded.config.model.model_name_or_path),
+        "method": loaded.method,
+        "format": loaded.format,
+        "quantize": info.get("quantize"),
+        "merged": loaded.merged,
+        "labels": task.labels,
+        "metrics": info.get("metrics", {}),
+    }
+    if getattr(task, "intents", None) is not None:
+        meta["intents"] = task.intents
+    return meta
 
+
+def create_app(runs: dict[str, Any], settings: ServeSettings | None = None) -> FastAPI:
+    """The API over loaded runs and exports (`querytune.inference.LoadedRun`, by name)."""
     if not runs:
         raise ValueError("serve needs at least one run or export directory")
     settings = settings or ServeSettings()
@@ -338,10 +355,10 @@ def serve(paths: list[str], host: str = "127.0.0.1", port: int = 8000, settings:
     """Load every run or export (errors before the server starts), then serve until SIGINT/SIGTERM."""
     import uvicorn
 
-    from querytune.export import load_for_serving
+    from querytune.inference import load_run
 
     named = run_names(paths)
-    runs = {name: load_for_serving(path, threads) for name, path in named.items()}
+    runs = {name: load_run(path, threads) for name, path in named.items()}
     app = create_app(runs, settings)
     timeout = int((settings or ServeSettings()).drain_timeout_s)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=timeout)

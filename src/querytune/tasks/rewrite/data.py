@@ -17,20 +17,17 @@ is what must never straddle two splits: the conversation for contextual rewritin
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
-import random
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from querytune.config import DataArguments
-from querytune.data import DataError, load_raw
+from querytune.data import DataError, load_raw, split_groups
+from querytune.tasks.rewrite.args import RewriteArguments
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("auto", "columns", "trec_cast", "canard", "mimics")
 MIMICS_OPTIONS = [f"option_{i}" for i in range(1, 6)]
 MIMICS_OPTION_LABELS = [f"option_label_{i}" for i in range(1, 6)]
 MIMICS_COLUMNS = ["query", "question", *MIMICS_OPTIONS, "question_label", "options_overall_label",
@@ -149,36 +146,36 @@ def _as_list(value: Any) -> list[str]:
     return [str(value)] if str(value).strip() else []
 
 
-def load_columns(data: DataArguments) -> dict[str, list[Row]]:
+def load_columns(data: DataArguments, args: RewriteArguments) -> dict[str, list[Row]]:
     """Rows of any dataset `load_raw` reads, by split name, from the configured columns."""
     raw, source = load_raw(data)
     out = {}
     for split, ds in raw.items():
-        for column in (data.rewrite_query_column, data.rewrite_target_column):
+        for column in (args.rewrite_query_column, args.rewrite_target_column):
             if column not in ds.column_names:
                 raise DataError(f"{source}: split {split!r} has no column {column!r}; it has {ds.column_names}. "
                                 "Set rewrite_query_column / rewrite_target_column.")  # fmt: skip
-        has_context = data.rewrite_context_column in ds.column_names if data.rewrite_context_column else False
-        group = data.rewrite_group_column
+        has_context = args.rewrite_context_column in ds.column_names if args.rewrite_context_column else False
+        group = args.rewrite_group_column
         if group and group not in ds.column_names:
             raise DataError(f"{source}: split {split!r} has no rewrite_group_column {group!r}")
         rows = []
         for i, r in enumerate(ds):
-            query = r[data.rewrite_query_column]
+            query = r[args.rewrite_query_column]
             if query is None:
-                raise DataError(f"{source}: split {split!r}, row {i}: empty {data.rewrite_query_column!r}")
+                raise DataError(f"{source}: split {split!r}, row {i}: empty {args.rewrite_query_column!r}")
             rows.append({"group": str(r[group]) if group else str(query), "query": str(query),
-                         "context": _as_list(r[data.rewrite_context_column]) if has_context else [],
-                         "targets": _as_list(r[data.rewrite_target_column])})  # fmt: skip
+                         "context": _as_list(r[args.rewrite_context_column]) if has_context else [],
+                         "targets": _as_list(r[args.rewrite_target_column])})  # fmt: skip
         out[split] = rows
     return out
 
 
-def load_rows(data: DataArguments) -> tuple[dict[str, list[Row]], str]:
+def load_rows(data: DataArguments, args: RewriteArguments) -> tuple[dict[str, list[Row]], str]:
     """Rows by split (a single 'train' split for the corpora that come unsplit) and the format used."""
     name = data.dataset_name or data.train_file
     path = Path(name) if name else None
-    fmt = data.rewrite_format
+    fmt = args.rewrite_format
     if fmt == "auto":
         fmt = detect_format(path) if path is not None and path.exists() else "columns"
     if fmt != "columns" and (path is None or not path.exists()):
@@ -188,9 +185,9 @@ def load_rows(data: DataArguments) -> tuple[dict[str, list[Row]], str]:
     elif fmt == "canard":
         rows = {"train": load_canard(path)}
     elif fmt == "mimics":
-        rows = {"train": load_mimics(path, data.mimics_min_option_label, data.mimics_min_overall_label)}
+        rows = {"train": load_mimics(path, args.mimics_min_option_label, args.mimics_min_overall_label)}
     else:
-        rows = load_columns(data)
+        rows = load_columns(data, args)
     for split, items in rows.items():
         if not items:
             raise DataError(f"{name}: split {split!r} has no usable rows (format {fmt})")
@@ -198,98 +195,12 @@ def load_rows(data: DataArguments) -> tuple[dict[str, list[Row]], str]:
 
 
 # --- splitting
-def group_split(
-    rows: list[Row], validation_percentage: float, test_percentage: float, seed: int
-) -> dict[str, list[Row]]:
-    """Seeded split by `group`: every row of a conversation (or query) lands in one split only."""
-    groups = sorted({r["group"] for r in rows})
-    random.Random(seed).shuffle(groups)
-    n_test = round(len(groups) * test_percentage / 100)
-    n_val = round(len(groups) * validation_percentage / 100)
-    if len(groups) - n_test - n_val < 1 or (validation_percentage and n_val < 1):
-        raise DataError(f"{len(groups)} groups are too few for {validation_percentage}% validation and "
-                        f"{test_percentage}% test")  # fmt: skip
-    role = {g: "test" for g in groups[:n_test]}
-    role.update({g: "validation" for g in groups[n_test : n_test + n_val]})
+def group_split(rows: list[Row], validation_percentage: float, test_percentage: float,
+                seed: int) -> dict[str, list[Row]]:  # fmt: skip
+    """Seeded split by `group` (`querytune.data.split_groups`, rule `shuffle`): every row of a conversation (or
+    query) lands in one split only."""
+    roles = split_groups([r["group"] for r in rows], test_percentage, validation_percentage, seed, rule="shuffle")
     out: dict[str, list[Row]] = {"train": [], "validation": [], "test": []}
     for r in rows:
-        out[role.get(r["group"], "train")].append(r)
+        out[roles[r["group"]]].append(r)
     return {k: v for k, v in out.items() if v}
-
-
-def sample_rows(rows: list[Row], n: int | None, seed: int) -> list[Row]:
-    """A seeded random sample of n rows (all of them when n is None or larger)."""
-    if n is None or n >= len(rows):
-        return rows
-    picked = sorted(random.Random(seed).sample(range(len(rows)), n))
-    return [rows[i] for i in picked]
-
-
-def stable_hash(text: str) -> int:
-    return int(hashlib.md5(text.encode()).hexdigest(), 16)
-
-
-# --- targets, context and prompts
-def training_pairs(rows: list[Row], mode: str, separator: str) -> list[Row]:
-    """One training example per target (`split`) or one per row with the targets joined (`join`)."""
-    out = []
-    for r in rows:
-        if not r["targets"]:
-            continue
-        targets = r["targets"] if mode == "split" else [separator.join(r["targets"])]
-        out.extend({**r, "target": t} for t in targets)
-    return out
-
-
-def render_context(turns: list[str]) -> str:
-    return "Context: " + " | ".join(t.strip() for t in turns) + "\n" if turns else ""
-
-
-def render_prompt(template: str, query: str, turns: list[str]) -> str:
-    return template.replace("{context}", render_context(turns)).replace("{query}", query.strip())
-
-
-def fit_context(
-    template: str, query: str, turns: list[str], count: Callable[[str], int], budget: int, max_turns: int | None = None
-) -> tuple[str, int]:
-    """The prompt with as many of the latest turns as fit in `budget` tokens, and the number of turns dropped.
-
-    Turns are dropped oldest first; the current query is never cut here (the tokenizer's truncation of an
-    over-long query alone is the only cut left).
-    """
-    kept = list(turns[-max_turns:] if max_turns is not None and max_turns < len(turns) else turns)
-    if max_turns == 0:
-        kept = []
-    dropped = len(turns) - len(kept)
-    prompt = render_prompt(template, query, kept)
-    if count(prompt) <= budget:
-        return prompt, dropped
-    lo, hi = 0, len(kept)  # smallest number of oldest turns to drop so that the rest fits (binary search)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if count(render_prompt(template, query, kept[mid + 1 :] if mid + 1 <= len(kept) else [])) <= budget:
-            hi = mid
-        else:
-            lo = mid + 1
-    cut = min(lo + 1, len(kept))
-    return render_prompt(template, query, kept[cut:]), dropped + cut
-
-
-def clean_candidates(candidates: list[str], query: str, k: int) -> list[str]:
-    """Stripped, de-duplicated (case- and space-insensitive) candidates that do not merely repeat the query."""
-    seen = {_norm(query)}
-    out = []
-    for c in candidates:
-        c = c.strip()
-        key = _norm(c)
-        if not key or key in seen:
-            continue
-        seen.add(key)
-        out.append(c)
-        if len(out) == k:
-            break
-    return out
-
-
-def _norm(text: str) -> str:
-    return " ".join(text.lower().split())

@@ -1,28 +1,23 @@
-"""Methods: turn a pretrained model into a trainable one. Every method except `full` and `freeze` goes through PEFT.
+"""The builders of the registered methods: turn a pretrained model into a trainable one.
 
-A method is a function `(model, MethodArguments, MethodContext) -> model` in `METHOD_BUILDERS`; adding a method
-is one function and one registry entry. Defaults for unset (None) fields live here, next to the code that uses
-them.
+Every method except `full` and `freeze` goes through PEFT. A builder is `(model, MethodArguments, MethodContext) ->
+model`; its record in `querytune.methods.registry` names it. Defaults for unset (None) fields live here, next to
+the code that uses them.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import peft
 from torch import nn
 from transformers import PreTrainedModel, TrainerCallback
 
-from querytune.config import MethodArguments
+from querytune.methods.registry import MethodArguments, get_method
 
 logger = logging.getLogger(__name__)
-
-# Methods whose weights can be folded into the base model for serving.
-MERGEABLE = {"lora", "adalora", "ia3"}
-PEFT_METHODS = {"lora", "adalora", "ia3", "prefix", "prompt", "adapter"}
 
 
 @dataclass
@@ -52,7 +47,7 @@ def _modules_to_save(args: MethodArguments, ctx: MethodContext) -> list[str] | N
     return modules or None
 
 
-def _full(model: PreTrainedModel, args: MethodArguments, ctx: MethodContext) -> nn.Module:
+def build_full(model: PreTrainedModel, args: MethodArguments, ctx: MethodContext) -> nn.Module:
     return model
 
 
@@ -68,7 +63,7 @@ def encoder_layers(model: nn.Module) -> nn.ModuleList:
     return max(candidates, key=len)
 
 
-def _freeze(model: PreTrainedModel, args: MethodArguments, ctx: MethodContext) -> nn.Module:
+def build_freeze(model: PreTrainedModel, args: MethodArguments, ctx: MethodContext) -> nn.Module:
     layers = encoder_layers(model)
     n = _or(args.freeze_trainable_layers, 2)
     if not 0 <= n <= len(layers):
@@ -84,7 +79,7 @@ def _freeze(model: PreTrainedModel, args: MethodArguments, ctx: MethodContext) -
     return model
 
 
-def _lora(model: PreTrainedModel, args: MethodArguments, ctx: MethodContext) -> nn.Module:
+def build_lora(model: PreTrainedModel, args: MethodArguments, ctx: MethodContext) -> nn.Module:
     config = peft.LoraConfig(
         task_type=ctx.task_type,
         r=_or(args.lora_r, 8),
@@ -103,7 +98,7 @@ def _steps(value: float, total: int) -> int:
     return int(value * total) if value < 1 else int(value)
 
 
-def _adalora(model: PreTrainedModel, args: MethodArguments, ctx: MethodContext) -> nn.Module:
+def build_adalora(model: PreTrainedModel, args: MethodArguments, ctx: MethodContext) -> nn.Module:
     total = ctx.num_training_steps
     if not total:
         raise ValueError("method 'adalora' needs the number of training steps for its budget schedule")
@@ -130,7 +125,7 @@ def _adalora(model: PreTrainedModel, args: MethodArguments, ctx: MethodContext) 
     return peft.get_peft_model(model, config)
 
 
-def _ia3(model: PreTrainedModel, args: MethodArguments, ctx: MethodContext) -> nn.Module:
+def build_ia3(model: PreTrainedModel, args: MethodArguments, ctx: MethodContext) -> nn.Module:
     targets, feedforward = args.ia3_target_modules, args.ia3_feedforward_modules
     if targets is None and model.config.model_type in EXTRA_IA3_TARGETS:
         targets, feedforward = EXTRA_IA3_TARGETS[model.config.model_type]
@@ -143,7 +138,7 @@ def _ia3(model: PreTrainedModel, args: MethodArguments, ctx: MethodContext) -> n
     return peft.get_peft_model(model, config)
 
 
-def _prefix(model: PreTrainedModel, args: MethodArguments, ctx: MethodContext) -> nn.Module:
+def build_prefix(model: PreTrainedModel, args: MethodArguments, ctx: MethodContext) -> nn.Module:
     # PEFT only finds out at the first forward pass; fail before training starts instead.
     takes_cache = (inspect.signature(m.forward).parameters for m in (model, model.base_model))
     if not any("past_key_values" in params for params in takes_cache):
@@ -161,11 +156,11 @@ def _prefix(model: PreTrainedModel, args: MethodArguments, ctx: MethodContext) -
     return peft.get_peft_model(model, config)
 
 
-def _prompt(model: PreTrainedModel, args: MethodArguments, ctx: MethodContext) -> nn.Module:
+def build_prompt(model: PreTrainedModel, args: MethodArguments, ctx: MethodContext) -> nn.Module:
     from_text = _or(args.prompt_init, "random") == "text"
     config = peft.PromptTuningConfig(
         task_type=ctx.task_type,
-        num_virtual_tokens=_or(args.prompt_num_virtual_tokens, 20),
+        num_virtual_tokens=get_method("prompt").num_virtual_tokens(args),
         prompt_tuning_init=peft.PromptTuningInit.TEXT if from_text else peft.PromptTuningInit.RANDOM,
         prompt_tuning_init_text=args.prompt_init_text if from_text else None,
         tokenizer_name_or_path=ctx.tokenizer_name_or_path if from_text else None,
@@ -174,8 +169,8 @@ def _prompt(model: PreTrainedModel, args: MethodArguments, ctx: MethodContext) -
     return peft.get_peft_model(model, config)
 
 
-def _adapter(model: PreTrainedModel, args: MethodArguments, ctx: MethodContext) -> nn.Module:
-    from querytune.peft_adapter import BottleneckConfig
+def build_adapter(model: PreTrainedModel, args: MethodArguments, ctx: MethodContext) -> nn.Module:
+    from querytune.methods.bottleneck import BottleneckConfig
 
     config = BottleneckConfig(
         task_type=ctx.task_type,
@@ -189,22 +184,10 @@ def _adapter(model: PreTrainedModel, args: MethodArguments, ctx: MethodContext) 
     return peft.get_peft_model(model, config)
 
 
-METHOD_BUILDERS: dict[str, Callable[[PreTrainedModel, MethodArguments, MethodContext], nn.Module]] = {
-    "full": _full,
-    "freeze": _freeze,
-    "lora": _lora,
-    "adalora": _adalora,
-    "ia3": _ia3,
-    "prefix": _prefix,
-    "prompt": _prompt,
-    "adapter": _adapter,
-}
-
-
 def apply_method(model: PreTrainedModel, args: MethodArguments, ctx: MethodContext) -> nn.Module:
     """Make `model` trainable with `args.method`; errors from PEFT are re-raised naming the method and model."""
     try:
-        return METHOD_BUILDERS[args.method](model, args, ctx)
+        return get_method(args.method).build(model, args, ctx)
     except (ValueError, KeyError, TypeError, NotImplementedError) as err:
         raise ValueError(
             f"method {args.method!r} cannot be applied to {type(model).__name__} ({model.config.model_type}): {err}"
@@ -235,5 +218,28 @@ def current_adalora_rank(model: peft.PeftModel) -> int:
     return config.init_r * sum(1 for m in model.modules() if isinstance(m, SVDLinear))
 
 
+def adalora_callbacks(model: nn.Module, args: MethodArguments) -> list[TrainerCallback]:
+    return [AdaLoraBudgetCallback(model)]
+
+
 def method_callbacks(model: nn.Module, args: MethodArguments) -> list[TrainerCallback]:
-    return [AdaLoraBudgetCallback(model)] if args.method == "adalora" else []
+    """The Trainer callbacks the method needs (AdaLoRA's budget schedule)."""
+    return get_method(args.method).trainer_callbacks(model, args)
+
+
+def merge_peft_model(model) -> nn.Module:
+    """Fold the adapter into the base weights and return a plain transformers model (mergeable methods only).
+
+    The trained copies of `modules_to_save` (the head) are put in place first: PEFT's IA3 unload tries to copy a
+    `.weight` from each wrapper and fails on heads that are not a single Linear, e.g. RoBERTa's.
+    """
+    from peft.utils import ModulesToSaveWrapper
+
+    inner = model.base_model.model
+    adapter = model.active_adapter
+    for name, module in list(inner.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            parent_name, _, child = name.rpartition(".")
+            parent = inner.get_submodule(parent_name) if parent_name else inner
+            setattr(parent, child, module.modules_to_save[adapter])
+    return model.merge_and_unload()

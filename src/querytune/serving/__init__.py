@@ -1,0 +1,1 @@
+"""Putting runs to work next to a search engine: `export` (merged / ONNX / int8, verified) and `api` (HTTP)."""

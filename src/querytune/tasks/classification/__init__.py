@@ -1,0 +1,1 @@
+"""Sequence classification of queries: intent detection (with out-of-scope) and any text classification."""

@@ -1,0 +1,1 @@
+"""Query–product relevance: a cross-encoder reranker (`rerank`) and a bi-encoder retriever (`retrieval`)."""

@@ -1,0 +1,165 @@
+"""What the relevance tasks share: pair encoding and scoring, ranking metrics, and the query-grouped task base.
+
+- `task: rerank` (`querytune.tasks.ranking.rerank`): a cross-encoder over (query, document) pairs that reorders a
+  first stage's candidates.
+- `task: retrieval` (`querytune.tasks.ranking.retrieval`): a bi-encoder that searches the whole catalogue.
+
+Both are scored at the end of training on the test split (validation when there is none) against the whole
+catalogue, with the bundled ranking metric module (`querytune/metrics/ranking`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict
+from transformers import Trainer
+
+from querytune.data import DataError
+from querytune.metrics import load_metric
+from querytune.tasks.base import Task, length_batches
+from querytune.tasks.ranking.args import RankingArguments
+from querytune.tasks.ranking.data import RankingData, load_ranking_data, read_catalogue
+
+logger = logging.getLogger(__name__)
+
+
+# --- encoding
+def encode_pairs(tokenizer, queries: list[str], documents: list[str], max_length: int, **kwargs: Any):
+    """Tokenise (query, document) pairs cutting only the document; over-long queries are cut too, and logged.
+
+    A query whose tokens exceed half of `max_length` (after special tokens) would leave little or no room for
+    the document, and `only_second` cannot fit it: such pairs use `longest_first`, which cuts the longer of the two
+    so the query keeps about half of the length.
+    """
+    specials = tokenizer.num_special_tokens_to_add(pair=True)
+    budget = (max_length - specials) // 2
+    lengths = [len(ids) for ids in tokenizer(queries, add_special_tokens=False)["input_ids"]]
+    long = [i for i, n in enumerate(lengths) if n > budget]
+    if not long:
+        return tokenizer(queries, documents, truncation="only_second", max_length=max_length, **kwargs)
+    logger.warning("%d of %d queries are longer than %d tokens (half of max_seq_length %d): query and document "
+                   "are both cut for those pairs", len(long), len(queries), budget, max_length)  # fmt: skip
+    short = [i for i in range(len(queries)) if i not in set(long)]
+    parts = {}
+    for idx, mode in ((short, "only_second"), (long, "longest_first")):
+        if idx:
+            parts[mode] = (idx, tokenizer([queries[i] for i in idx], [documents[i] for i in idx], truncation=mode,
+                                          max_length=max_length, **kwargs))  # fmt: skip
+    if kwargs.get("return_tensors"):
+        raise ValueError("encode_pairs: pad and convert after merging; do not pass return_tensors with long queries")
+    merged: dict[str, list] = {key: [None] * len(queries) for key in next(iter(parts.values()))[1].keys()}
+    for idx, enc in parts.values():
+        for key, values in enc.items():
+            for i, v in zip(idx, values, strict=True):
+                merged[key][i] = v
+    return merged
+
+
+@torch.inference_mode()
+def score_pairs(model, tokenizer, queries: list[str], documents: list[str], max_length: int,
+                batch_size: int = 128) -> np.ndarray:  # fmt: skip
+    """The cross-encoder's score for each (query, document) pair."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = np.zeros(len(queries), dtype=np.float32)
+    for idx in length_batches([len(q) + len(d) for q, d in zip(queries, documents, strict=True)], batch_size):
+        enc = encode_pairs(tokenizer, [queries[i] for i in idx], [documents[i] for i in idx], max_length)
+        batch = tokenizer.pad(dict(enc), return_tensors="pt").to(device)
+        out[idx] = model(**batch).logits.float().reshape(-1).cpu().numpy()
+    return out
+
+
+def ranking_metrics(runs: dict[str, list[tuple[str, float]]], judged: dict[str, dict[str, float]],
+                    args: RankingArguments,
+                    recall_k: tuple[int, ...] = (), rmse: bool = False) -> dict[str, float]:  # fmt: skip
+    """Score ranked lists against the judgements with the bundled ranking metric (unretrieved judged: NaN score)."""
+    preds, refs, qs, ds = [], [], [], []
+    for q, labels in judged.items():
+        ranked = dict(runs.get(q, []))
+        for d, score in ranked.items():
+            preds.append(score)
+            refs.append(labels.get(d, float("nan")))
+            qs.append(q)
+            ds.append(d)
+        for d, y in labels.items():
+            if d not in ranked:
+                preds.append(float("nan"))
+                refs.append(y)
+                qs.append(q)
+                ds.append(d)
+    return load_metric("ranking").compute(
+        predictions=preds, references=refs, query_ids=qs, doc_ids=ds, recall_k=list(recall_k), rmse=rmse,
+        gain_offset=args.relevance_gain_offset, relevance_threshold=args.relevance_threshold,
+    )  # fmt: skip
+
+
+def write_rankings(path: Path, runs: dict[str, list[tuple[str, float]]], queries: dict[str, str],
+                   catalogue: dict[str, str], judged: dict[str, dict[str, float]], k: int = 10) -> None:  # fmt: skip
+    """The top k of each query with scores and judgements, for reading what the model does."""
+    with path.open("w") as fh:
+        for q, ranked in runs.items():
+            hits = [{"doc_id": d, "text": catalogue.get(d, d), "score": round(s, 5), "label": judged.get(q, {}).get(d)}
+                    for d, s in ranked[:k]]  # fmt: skip
+            fh.write(json.dumps({"query": queries.get(q, q), "hits": hits}, ensure_ascii=False) + "\n")
+
+
+class RankingTask(Task):
+    """What rerank and retrieval share: query-grouped data, the catalogue and the evaluation split."""
+
+    arguments = RankingArguments
+    card_metrics = {
+        "ndcg@10": ("ndcg_at_10", "nDCG@10", 1.0),
+        "mrr@10": ("mrr_at_10", "MRR@10", 1.0),
+        "recall@100": ("recall_at_100", "Recall@100", 1.0),
+    }
+    report_columns = [("ndcg@10", "nDCG@10 %", 100.0), ("mrr@10", "MRR@10 %", 100.0),
+                      ("recall@100", "R@100 %", 100.0)]  # fmt: skip
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.data: RankingData | None = None
+
+    def load_data(self) -> DatasetDict:
+        self.data = load_ranking_data(self.config.data, self.args, self.config.training.seed)
+        return self.data.splits
+
+    def catalogue_role(self) -> str:
+        return "test" if self.data is not None and "test" in self.data.splits else "validation"
+
+    def _catalogue(self, catalogue: str | None = None) -> dict[str, str]:
+        if catalogue:
+            return read_catalogue(catalogue, self.config.data, self.args)
+        if self.data is None:
+            self.data = load_ranking_data(self.config.data, self.args, self.config.training.seed)
+        return self.data.catalogue
+
+    def split_metrics(self, trainer: Trainer, dataset, prefix: str) -> dict[str, float]:
+        """The Trainer's metrics on the tokenised split."""
+        return trainer.predict(dataset, metric_key_prefix=prefix).metrics
+
+    def evaluate_trained(self, trainer: Trainer, dataset, role: str, out_dir: Path) -> dict[str, float]:
+        """The split's Trainer metrics, plus the catalogue search / rerank metrics on the catalogue role."""
+        prefix = "eval" if role == "validation" else "test"
+        metrics = self.split_metrics(trainer, dataset, prefix)
+        if role == self.catalogue_role() and trainer.is_world_process_zero():
+            found = self.catalogue_metrics(trainer.model, trainer.processing_class, self.data.splits[role], out_dir,
+                                           role, trainer.args.per_device_eval_batch_size)  # fmt: skip
+            metrics.update({f"{prefix}_{k}": v for k, v in found.items()})
+        return metrics
+
+    def _eval_split(self, split: str) -> Dataset:
+        """A split for `querytune eval`, by role name or the dataset's own split name."""
+        self.data = load_ranking_data(self.config.data, self.args, self.config.training.seed)
+        roles = {v: k for k, v in {"train": self.config.data.train_split,
+                                   "validation": self.config.data.validation_split,
+                                   "test": self.config.data.test_split}.items() if v}  # fmt: skip
+        role = roles.get(split, split)
+        if role not in self.data.splits:
+            raise DataError(f"{self.data.source}: no split {split!r}; it has {list(self.data.splits)}")
+        return self.data.splits[role]

@@ -1,0 +1,1 @@
+"""Slot tagging of queries (BIO token classification) and joint intent + slots (JointBERT)."""
