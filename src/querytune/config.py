@@ -98,7 +98,28 @@ class DataArguments:
         default=None, metadata={"help": "Keep a seeded sample of N validation and N test rows."}
     )
     oos_label: str | None = field(
-        default=None, metadata={"help": "Out-of-scope label (CLINC150: 'oos'): adds in-scope accuracy and OOS recall."}
+        default=None,
+        metadata={"help": "Out-of-scope label (CLINC150: 'oos'): adds in-scope accuracy and OOS recall; with "
+                  "oos_detector, the label answered for rejected queries (it need not occur in train)."},
+    )  # fmt: skip
+    oos_detector: str = field(
+        default="none",
+        metadata={"help": "intent / intent_slots: out-of-scope detection. 'none' (argmax), 'msp' (max softmax "
+                  "probability), 'energy' (log-sum-exp of the logits) or 'oos_class' (1 - P(oos class)); a query "
+                  "scoring under a threshold chosen on the validation split is answered with oos_label."},
+    )  # fmt: skip
+    oos_threshold_rule: str = field(
+        default="auto",
+        metadata={"help": "How the OOS threshold is chosen on validation: 'in_scope_drop' (most OOS recall keeping "
+                  "in-scope accuracy within oos_max_in_scope_drop points), 'max_sum' (in-scope accuracy + OOS "
+                  "recall), 'in_scope_recall' (keep oos_in_scope_recall of in-scope queries; needs no OOS "
+                  "examples) or 'auto' (in_scope_drop with OOS examples in validation, else in_scope_recall)."},
+    )  # fmt: skip
+    oos_max_in_scope_drop: float = field(
+        default=0.5, metadata={"help": "in_scope_drop rule: in-scope accuracy points the threshold may cost."}
+    )
+    oos_in_scope_recall: float = field(
+        default=0.95, metadata={"help": "in_scope_recall rule: share of in-scope validation queries kept."}
     )
     pad_to_max_length: bool = field(
         default=False,
@@ -126,6 +147,18 @@ class DataArguments:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
+        detectors, rules = ("none", "msp", "energy", "oos_class"), ("auto", "in_scope_drop", "max_sum", "in_scope_recall")
+        if self.oos_detector not in detectors:
+            raise ValueError(f"oos_detector must be one of {detectors}, got {self.oos_detector!r}")
+        if self.oos_threshold_rule not in rules:
+            raise ValueError(f"oos_threshold_rule must be one of {rules}, got {self.oos_threshold_rule!r}")
+        if self.oos_detector != "none" and not self.oos_label:
+            raise ValueError(f"oos_detector {self.oos_detector!r} needs oos_label: the label answered for rejected "
+                             "queries (e.g. oos)")  # fmt: skip
+        if not 0 <= self.oos_max_in_scope_drop <= 100:
+            raise ValueError(f"oos_max_in_scope_drop must be in [0, 100] points, got {self.oos_max_in_scope_drop}")
+        if not 0 < self.oos_in_scope_recall <= 1:
+            raise ValueError(f"oos_in_scope_recall must be in (0, 1], got {self.oos_in_scope_recall}")
 
 
 @dataclass

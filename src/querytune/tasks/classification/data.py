@@ -35,8 +35,10 @@ def load_classification_splits(data: DataArguments, seed: int) -> tuple[DatasetD
     labels = label_names(splits["train"], data.label_column)
     if len(labels) < 2:
         raise DataError(f"{source}: column {data.label_column!r} has {len(labels)} distinct label(s); need >= 2")
-    if data.oos_label is not None and data.oos_label not in labels:
-        raise DataError(f"{source}: oos_label {data.oos_label!r} is not a label of column {data.label_column!r}")
+    # Without a trained OOS class, a threshold detector (msp, energy) still answers oos_label for rejected queries.
+    if data.oos_label is not None and data.oos_label not in labels and data.oos_detector in ("none", "oos_class"):
+        raise DataError(f"{source}: oos_label {data.oos_label!r} is not a label of column {data.label_column!r}"
+                        f"{'' if data.oos_detector == 'none' else ' (oos_detector oos_class needs that class)'}")
     for role in list(splits):
         splits[role] = encode_labels(splits[role], wanted[role], data.label_column, labels, source)
 

@@ -16,6 +16,7 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 
 from querytune.metrics import load_metric
 from querytune.tasks.base import Task, length_batches
+from querytune.tasks.classification import oos
 from querytune.tasks.classification.data import load_classification_splits, load_eval_split
 
 logger = logging.getLogger(__name__)
@@ -34,12 +35,20 @@ class ClassificationTask(Task):
         "macro_f1": ("f1", "Macro F1", 100.0),
         "in_scope_accuracy": ("accuracy", "In-scope accuracy", 100.0),
         "oos_recall": ("recall", "Out-of-scope recall", 100.0),
+        "oos_precision": ("precision", "Out-of-scope precision", 100.0),
+        "oos_auroc": ("roc_auc", "Out-of-scope AUROC", 100.0),
     }
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.oos: oos.OosDetector | None = None  # chosen on validation at the end of training, saved in the label map
+
     report_columns = [
         ("in_scope_accuracy", "in-scope acc %", 100.0),
         ("oos_recall", "OOS recall %", 100.0),
         ("accuracy", "accuracy %", 100.0),
         ("macro_f1", "macro-F1 %", 100.0),
+        ("oos_auroc", "OOS AUROC %", 100.0),
     ]
     report_shadowed = {"accuracy": "in_scope_accuracy"}  # with OOS detection, accuracy mixes the two
 
@@ -50,10 +59,16 @@ class ClassificationTask(Task):
 
     def label_info(self) -> dict[str, Any]:
         """What is saved as label_map.json and restored by `set_label_info` when a run is loaded."""
-        return {"labels": self.labels, "label2id": {label: i for i, label in enumerate(self.labels)}}
+        info: dict[str, Any] = {"labels": self.labels, "label2id": {label: i for i, label in enumerate(self.labels)}}
+        if self.oos is not None:
+            info["oos_detector"] = {**self.oos.to_dict(), "oos_label": self.config.data.oos_label}
+        return info
 
     def set_label_info(self, info: dict[str, Any]) -> None:
         self.labels = list(info["labels"])
+        detector = dict(info.get("oos_detector") or {})
+        detector.pop("oos_label", None)
+        self.oos = oos.OosDetector.from_dict(detector) if detector else None
 
     def model_kwargs(self) -> dict[str, Any]:
         return {
@@ -96,29 +111,87 @@ class ClassificationTask(Task):
     # --- metrics
     @property
     def oos_id(self) -> int | None:
-        oos = self.config.data.oos_label
-        return self.labels.index(oos) if oos is not None else None
+        """The trained out-of-scope class, if the labels have one."""
+        oos_label = self.config.data.oos_label
+        return self.labels.index(oos_label) if oos_label in self.labels else None
+
+    @property
+    def oos_answer(self) -> int:
+        """The id of the answer for rejected queries: the OOS class, or one past the labels when train has none."""
+        return self.oos_id if self.oos_id is not None else len(self.labels)
+
+    @property
+    def answer_names(self) -> list[str]:
+        """Label names by predicted id, the answer for rejected queries included."""
+        return (
+            self.labels if self.oos_id is not None or self.oos is None else [*self.labels, self.config.data.oos_label]
+        )
 
     def compute_metrics(self, prediction: EvalPrediction) -> dict[str, float]:
+        """Argmax metrics during training (model selection); `scored` applies the OOS detector afterwards."""
         logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
         preds = np.argmax(logits, axis=-1)
         return load_metric("classification").compute(
             predictions=preds, references=prediction.label_ids, oos_label_id=self.oos_id
         )
 
+    def choose_oos_threshold(self, logits: np.ndarray, labels: np.ndarray) -> None:
+        """Pick the detector's threshold on the validation split's logits (never on test)."""
+        data = self.config.data
+        if data.oos_detector == "none":
+            return
+        self.oos = oos.choose_threshold(logits, labels, data.oos_detector, self.oos_id, data.oos_threshold_rule,
+                                        data.oos_max_in_scope_drop, data.oos_in_scope_recall)  # fmt: skip
+        logger.info("OOS detector %s: threshold %.5g by rule %s on validation (%s)", self.oos.detector,
+                    self.oos.threshold, self.oos.rule, json.dumps(self.oos.chosen_on))  # fmt: skip
+
+    def scored(self, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        """Metrics of a split with the OOS detector applied (the argmax ones, prefixed `argmax_`, next to them)."""
+        argmax = self.compute_metrics(EvalPrediction(predictions=logits, label_ids=labels))
+        if self.oos is None:
+            return argmax
+        preds = oos.predict_ids(logits, self.oos, self.oos_answer)
+        metrics = load_metric("classification").compute(predictions=preds, references=labels,
+                                                        oos_label_id=self.oos_answer)  # fmt: skip
+        metrics |= oos.detection_metrics(logits, labels, self.oos, self.oos_id, self.oos_answer)
+        metrics["oos_threshold"] = self.oos.threshold
+        return {**metrics, **{f"argmax_{k}": v for k, v in argmax.items()}}
+
+    def evaluate_trained(self, trainer, dataset, role: str, out_dir: Path) -> dict[str, float]:
+        """Score the trained model on one split; on validation, first choose the OOS threshold."""
+        prefix = "eval" if role == "validation" else "test"
+        result = trainer.predict(dataset, metric_key_prefix=prefix)
+        logits = result.predictions[0] if isinstance(result.predictions, tuple) else result.predictions
+        if role == "validation":
+            self.choose_oos_threshold(logits, result.label_ids)
+        if self.oos is None:
+            metrics = result.metrics
+        else:
+            kept = {k: v for k, v in result.metrics.items() if k.startswith(f"{prefix}_") and
+                    k.removeprefix(f"{prefix}_") in ("loss", "runtime", "samples_per_second", "steps_per_second")}  # fmt: skip
+            metrics = {**kept, **{f"{prefix}_{k}": v for k, v in self.scored(logits, result.label_ids).items()}}
+        if trainer.is_world_process_zero():
+            self.write_reports(logits, result.label_ids, out_dir, role)
+        return metrics
+
     def write_reports(self, logits: np.ndarray, label_ids: np.ndarray, out_dir: Path, split: str) -> None:
-        """Per-label precision/recall/F1 (JSON and text) and a confusion plot readable at 150 classes."""
+        """Per-label precision/recall/F1 (JSON and text) and a confusion plot readable at 150 classes, with the OOS
+        detector applied; its trade-off curve when there is one."""
         logits = logits[0] if isinstance(logits, tuple) else logits  # Trainer's predictions: logits first
-        preds = np.argmax(logits, axis=-1)
-        ids = list(range(len(self.labels)))
-        kwargs = {"labels": ids, "target_names": self.labels, "zero_division": 0, "digits": 4}
+        preds = oos.predict_ids(logits, self.oos, self.oos_answer)
+        names = self.answer_names
+        ids = list(range(len(names)))
+        kwargs = {"labels": ids, "target_names": names, "zero_division": 0, "digits": 4}
         report = classification_report(label_ids, preds, output_dict=True, **kwargs)
         (out_dir / f"{split}_report.json").write_text(json.dumps(report, indent=2))
         (out_dir / f"{split}_report.txt").write_text(classification_report(label_ids, preds, **kwargs))
         matrix = confusion_matrix(label_ids, preds, labels=ids)
-        pairs = most_confused_pairs(matrix, self.labels, k=25)
+        pairs = most_confused_pairs(matrix, names, k=25)
         (out_dir / f"{split}_confused_pairs.json").write_text(json.dumps(pairs, indent=2))
-        plot_confusions(matrix, self.labels, pairs, out_dir / f"{split}_confusion.png", title=f"{split} split")
+        plot_confusions(matrix, names, pairs, out_dir / f"{split}_confusion.png", title=f"{split} split")
+        if self.oos is not None and self.oos.detector != "none":
+            oos.plot_tradeoff(logits, label_ids, self.oos, out_dir / f"{split}_oos_tradeoff.png",
+                              title=f"{self.oos.detector} on the {split} split")  # fmt: skip
 
     # --- inference on a loaded run
     @torch.inference_mode()
@@ -141,29 +214,38 @@ class ClassificationTask(Task):
         return np.stack(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
 
     def predict(self, run, texts: list[str], top_k: int = 3, batch_size: int = 64, **inputs) -> list[dict[str, Any]]:
-        """Label, score and the top-k labels with probabilities for each query."""
-        probs = torch.softmax(torch.from_numpy(self.logits(run, texts, batch_size=batch_size)), dim=-1).numpy()
+        """Label, score and the top-k labels with probabilities for each query.
+
+        With an OOS detector, every result carries its `in_scope_score`; a query scoring under the threshold is
+        answered with `oos_label` (`"oos": true`) and its score is that in-scope score.
+        """
+        logits = self.logits(run, texts, batch_size=batch_size)
+        probs = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
+        in_scope = oos.scores(logits, self.oos.detector, self.oos.oos_id) if self.oos else None
+        answers = oos.predict_ids(logits, self.oos, self.oos_answer)
+        names = self.answer_names
         results = []
-        for text, p in zip(texts, probs, strict=True):
+        for row, (text, p) in enumerate(zip(texts, probs, strict=True)):
             top = np.argsort(p)[::-1][: max(1, top_k)]
-            results.append(
-                {
-                    "query": text,
-                    "label": self.labels[top[0]],
-                    "score": round(float(p[top[0]]), 6),
-                    "top_k": [{"label": self.labels[i], "score": round(float(p[i]), 6)} for i in top],
-                }
-            )
+            answer = int(answers[row])
+            result: dict[str, Any] = {"query": text, "label": names[answer]}
+            rejected = in_scope is not None and answer == self.oos_answer and in_scope[row] < self.oos.threshold
+            result["score"] = round(float(in_scope[row] if rejected else p[answer]), 6)
+            if in_scope is not None:
+                result |= {"oos": bool(answer == self.oos_answer), "in_scope_score": round(float(in_scope[row]), 6)}
+            result["top_k"] = [{"label": self.labels[i], "score": round(float(p[i]), 6)} for i in top]
+            results.append(result)
         return results
 
     def evaluate(self, run, split: str, out_dir: Path, batch_size: int = 64) -> dict[str, Any]:
-        """Score a loaded run on one split of `self.config.data` with the run's label map; write the reports."""
+        """Score a loaded run on one split of `self.config.data` with the run's label map and OOS detector; write
+        the reports."""
         data = self.config.data
         ds = load_eval_split(data, split, self.labels)
         pairs = ds[data.text_pair_column] if data.text_pair_column else None
         logits = self.logits(run, [t or "" for t in ds[data.text_column]], pairs, batch_size=batch_size)
         labels = np.asarray(ds["labels"])
-        metrics = self.compute_metrics(EvalPrediction(predictions=logits, label_ids=labels))
+        metrics = self.scored(logits, labels)
         self.write_reports(logits, labels, out_dir, split)
         return {"num_examples": len(ds), **metrics}
 
@@ -171,9 +253,8 @@ class ClassificationTask(Task):
     def verification_texts(self, run, split: str) -> tuple[list[str], list[str] | None]:
         data = self.config.data
         ds = load_eval_split(data, split, self.labels)
-        return [t or "" for t in ds[data.text_column]], list(
-            ds[data.text_pair_column]
-        ) if data.text_pair_column else None
+        pairs = list(ds[data.text_pair_column]) if data.text_pair_column else None
+        return [t or "" for t in ds[data.text_column]], pairs
 
     def verification_outputs(self, run, texts, pairs, batch_size: int = 64) -> dict[str, Any]:
         return {"logits": self.logits(run, texts, pairs, batch_size=batch_size)}

@@ -24,6 +24,7 @@ from querytune.config import ExperimentConfig
 from querytune.methods.registry import get_method
 from querytune.metrics import load_metric
 from querytune.tasks.base import Task, length_batches
+from querytune.tasks.classification import oos
 from querytune.tasks.classification.task import most_confused_pairs
 from querytune.tasks.slots.args import SlotsArguments
 from querytune.tasks.slots.bio import (
@@ -109,6 +110,7 @@ class SlotsTask(Task):
     def __init__(self, config: ExperimentConfig) -> None:
         super().__init__(config)  # self.labels: the tag label map
         self.intents: list[str] | None = None
+        self.oos: oos.OosDetector | None = None  # the intent head's OOS detector (joint task), chosen on validation
         if config.data.text_pair_column:
             raise ValueError(f"task {config.data.task!r} takes single queries; text_pair_column must be unset")
 
@@ -126,11 +128,36 @@ class SlotsTask(Task):
                                 "label2id": {tag: i for i, tag in enumerate(self.labels)}}  # fmt: skip
         if self.intents is not None:
             info |= {"intents": self.intents, "intent2id": {name: i for i, name in enumerate(self.intents)}}
+        if self.oos is not None:
+            info["oos_detector"] = {**self.oos.to_dict(), "oos_label": self.config.data.oos_label}
         return info
 
     def set_label_info(self, info: dict[str, Any]) -> None:
         self.labels = list(info["labels"])
         self.intents = list(info["intents"]) if self.with_intent else None
+        detector = dict(info.get("oos_detector") or {})
+        detector.pop("oos_label", None)
+        self.oos = oos.OosDetector.from_dict(detector) if detector else None
+
+    # --- the intent head's out-of-scope detection (joint task; see querytune.tasks.classification.oos)
+    @property
+    def intent_oos_id(self) -> int | None:
+        oos_label = self.config.data.oos_label
+        return self.intents.index(oos_label) if self.intents and oos_label in self.intents else None
+
+    @property
+    def intent_oos_answer(self) -> int:
+        return self.intent_oos_id if self.intent_oos_id is not None else len(self.intents or [])
+
+    @property
+    def intent_names(self) -> list[str]:
+        """Intent names by predicted id, the answer for rejected queries included."""
+        intents = self.intents or []
+        virtual = self.oos is not None and self.intent_oos_id is None
+        return [*intents, self.config.data.oos_label] if virtual else intents
+
+    def intent_predictions(self, intent_logits: np.ndarray) -> list[int]:
+        return oos.predict_ids(intent_logits, self.oos, self.intent_oos_answer).tolist()
 
     def model_kwargs(self) -> dict[str, Any]:
         return {
@@ -232,8 +259,38 @@ class SlotsTask(Task):
     def write_reports(self, predictions: Any, label_ids: Any, out_dir: Path, split: str) -> None:
         slot_logits, intent_logits, slot_ids, intent_ids = split_outputs(predictions, label_ids)
         gold, predicted = word_tags(slot_logits, slot_ids, self.labels)
-        intent_predicted = np.argmax(intent_logits, axis=-1).tolist() if intent_logits is not None else None
+        intent_predicted = self.intent_predictions(intent_logits) if intent_logits is not None else None
         self._write_reports(gold, predicted, intent_ids, intent_predicted, out_dir, split)
+        if self.oos is not None and intent_logits is not None:
+            oos.plot_tradeoff(intent_logits, intent_ids, self.oos, out_dir / f"{split}_oos_tradeoff.png",
+                              title=f"{self.oos.detector} (intent head) on the {split} split")  # fmt: skip
+
+    def evaluate_trained(self, trainer, dataset, role: str, out_dir: Path) -> dict[str, float]:
+        """Score one split at the end of training; for the joint task with an OOS detector, choose its threshold on
+        validation first and score the intents with it (argmax figures kept as `argmax_*`)."""
+        data = self.config.data
+        if not self.with_intent or data.oos_detector == "none":
+            return super().evaluate_trained(trainer, dataset, role, out_dir)
+        prefix = "eval" if role == "validation" else "test"
+        result = trainer.predict(dataset, metric_key_prefix=prefix)
+        slot_logits, intent_logits, slot_ids, intent_ids = split_outputs(result.predictions, result.label_ids)
+        if role == "validation":
+            self.oos = oos.choose_threshold(intent_logits, intent_ids, data.oos_detector, self.intent_oos_id,
+                                            data.oos_threshold_rule, data.oos_max_in_scope_drop,
+                                            data.oos_in_scope_recall)  # fmt: skip
+        gold, predicted = word_tags(slot_logits, slot_ids, self.labels)
+        scored = self.score(gold, predicted, intent_ids.tolist(), self.intent_predictions(intent_logits))
+        scored |= {f"intent_{k}": v for k, v in oos.detection_metrics(
+            intent_logits, intent_ids, self.oos, self.intent_oos_id, self.intent_oos_answer).items()}  # fmt: skip
+        scored["intent_oos_threshold"] = self.oos.threshold
+        metrics = {f"{prefix}_{k}": v for k, v in scored.items() if isinstance(v, int | float)}
+        metrics |= {f"{prefix}_argmax_{k.removeprefix(f'{prefix}_')}": v for k, v in result.metrics.items()
+                    if k.startswith(f"{prefix}_") and k.removeprefix(f"{prefix}_") in ("intent_accuracy", "exact_match")}  # fmt: skip
+        metrics |= {k: v for k, v in result.metrics.items() if k.removeprefix(f"{prefix}_") in
+                    ("loss", "runtime", "samples_per_second", "steps_per_second")}  # fmt: skip
+        if trainer.is_world_process_zero():
+            self.write_reports(result.predictions, result.label_ids, out_dir, role)
+        return metrics
 
     def _write_reports(self, gold, predicted, intent_gold, intent_predicted, out_dir: Path, split: str) -> None:
         """Per slot type precision/recall/F1 in `{split}_report.{json,txt}` (the classification report's layout, so
@@ -259,15 +316,16 @@ class SlotsTask(Task):
             f"{result['report_text']}\nspan errors ({mode}):\n" + "\n".join(lines)
         )
         if with_intent:
-            ids = list(range(len(self.intents)))
-            kwargs = {"labels": ids, "target_names": self.intents, "zero_division": 0, "digits": 4}
+            names = self.intent_names
+            ids = list(range(len(names)))
+            kwargs = {"labels": ids, "target_names": names, "zero_division": 0, "digits": 4}
             intent_gold = np.asarray(intent_gold)
             report = classification_report(intent_gold, intent_predicted, output_dict=True, **kwargs)
             (out_dir / f"{split}_intent_report.json").write_text(json.dumps(report, indent=2))
             (out_dir / f"{split}_intent_report.txt").write_text(
                 classification_report(intent_gold, intent_predicted, **kwargs)
             )
-            pairs = most_confused_pairs(confusion_matrix(intent_gold, intent_predicted, labels=ids), self.intents)
+            pairs = most_confused_pairs(confusion_matrix(intent_gold, intent_predicted, labels=ids), names)
             (out_dir / f"{split}_intent_confused_pairs.json").write_text(json.dumps(pairs, indent=2))
 
     # --- inference on a loaded run
@@ -328,7 +386,14 @@ class SlotsTask(Task):
             if output.intent_logits is not None:
                 p = _softmax(output.intent_logits)
                 top = np.argsort(p)[::-1][: max(1, top_k)]
-                result |= {"intent": self.intents[top[0]], "intent_score": round(float(p[top[0]]), 6),
+                answer = self.intent_predictions(output.intent_logits[None])[0]
+                score = float(p[answer]) if answer < len(p) else 0.0
+                if self.oos is not None:
+                    in_scope = float(oos.scores(output.intent_logits[None], self.oos.detector, self.oos.oos_id)[0])
+                    rejected = answer == self.intent_oos_answer and in_scope < self.oos.threshold
+                    score = in_scope if rejected else score
+                    result |= {"oos": answer == self.intent_oos_answer, "in_scope_score": round(in_scope, 6)}
+                result |= {"intent": self.intent_names[answer], "intent_score": round(score, 6),
                            "top_k": [{"label": self.intents[i], "score": round(float(p[i]), 6)} for i in top]}  # fmt: skip
             result["spans"] = spans
             results.append(result)
@@ -354,8 +419,12 @@ class SlotsTask(Task):
         intent_gold = intent_predicted = None
         if self.with_intent:
             intent_gold = list(ds["intent_labels"])
-            intent_predicted = [int(np.argmax(o.intent_logits)) for o in outputs]
+            intent_logits = np.stack([o.intent_logits for o in outputs])
+            intent_predicted = self.intent_predictions(intent_logits)
         metrics = self.score(gold, predicted, intent_gold, intent_predicted)
+        if self.with_intent and self.oos is not None:
+            metrics |= {f"intent_{k}": v for k, v in oos.detection_metrics(
+                intent_logits, np.asarray(intent_gold), self.oos, self.intent_oos_id, self.intent_oos_answer).items()}  # fmt: skip
         self._write_reports(gold, predicted, intent_gold, intent_predicted, out_dir, split)
         return {"num_examples": len(ds), **metrics}
 
