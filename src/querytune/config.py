@@ -147,7 +147,10 @@ class DataArguments:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
-        detectors, rules = ("none", "msp", "energy", "oos_class"), ("auto", "in_scope_drop", "max_sum", "in_scope_recall")
+        detectors, rules = (
+            ("none", "msp", "energy", "oos_class"),
+            ("auto", "in_scope_drop", "max_sum", "in_scope_recall"),
+        )
         if self.oos_detector not in detectors:
             raise ValueError(f"oos_detector must be one of {detectors}, got {self.oos_detector!r}")
         if self.oos_threshold_rule not in rules:

@@ -37,8 +37,10 @@ def load_classification_splits(data: DataArguments, seed: int) -> tuple[DatasetD
         raise DataError(f"{source}: column {data.label_column!r} has {len(labels)} distinct label(s); need >= 2")
     # Without a trained OOS class, a threshold detector (msp, energy) still answers oos_label for rejected queries.
     if data.oos_label is not None and data.oos_label not in labels and data.oos_detector in ("none", "oos_class"):
-        raise DataError(f"{source}: oos_label {data.oos_label!r} is not a label of column {data.label_column!r}"
-                        f"{'' if data.oos_detector == 'none' else ' (oos_detector oos_class needs that class)'}")
+        raise DataError(
+            f"{source}: oos_label {data.oos_label!r} is not a label of column {data.label_column!r}"
+            f"{'' if data.oos_detector == 'none' else ' (oos_detector oos_class needs that class)'}"
+        )
     for role in list(splits):
         splits[role] = encode_labels(splits[role], wanted[role], data.label_column, labels, source)
 
