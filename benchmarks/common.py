@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import subprocess
 import sys
@@ -13,17 +14,33 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def train(experiment: Path, output_dir: Path, overrides: list[str], log: Path) -> float:
-    """Train one experiment in its own process (so peak memory is per run); returns the wall time in seconds."""
+def train(
+    experiment: Path, output_dir: Path, overrides: list[str], log: Path, force_load: bool | None = None
+) -> float:
+    """Train one experiment in its own process (so peak memory is per run); returns the wall time in seconds.
+
+    Benchmark hygiene for every script: the training holds the machine-wide CPU lock (`cpu_slot`), refuses to start
+    while the 1-minute load average is above 1.5 (unless `force_load`, or QUERYTUNE_FORCE_LOAD=1), and leaves
+    `bench_row.json` in the run directory with its wall time and the load average before and after.
+    """
+    if force_load is None:
+        force_load = os.environ.get("QUERYTUNE_FORCE_LOAD") == "1"
     cmd = [sys.executable, "-m", "querytune.train", str(experiment), "--output_dir", str(output_dir),
            "--overwrite_output_dir", "true", "--disable_tqdm", "true", *overrides]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    start = time.perf_counter()
-    with log.open("w") as fh:
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
+    with cpu_slot():
+        load_before = check_load(force_load)
+        start = time.perf_counter()
+        with log.open("w") as fh:
+            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        wall = time.perf_counter() - start
+        load_after = load_average()
     if proc.returncode != 0:
         raise RuntimeError(f"{experiment.name} failed (exit {proc.returncode}); see {log}")
-    return time.perf_counter() - start
+    (Path(output_dir) / "bench_row.json").write_text(json.dumps(
+        {"wall_s": wall, "load_before": load_before, "load_after": load_after, "forced": force_load}))  # fmt: skip
+    return wall
 
 
 def load_average() -> float:

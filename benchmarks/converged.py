@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import check_load, cpu_slot, load_average, train  # noqa: E402
+from common import train  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 EXP = REPO / "experiments"
@@ -57,12 +57,9 @@ RULES = (("in_scope_drop", "within 0.5 pt of argmax in-scope acc"), ("max_sum", 
 def run_row(name: str, runs: Path, force_load: bool) -> dict[str, Any]:
     exp, data, extra, purpose = ROWS[name]
     out = runs / name
-    with cpu_slot():
-        load_before = check_load(force_load)
-        wall = train(EXP / exp, out, ["--dataset_name", str(DATA / data), *extra], runs / f"{name}.log")
-        load_after = load_average()
-    return {"row": name, "experiment": exp, "overrides": extra, "purpose": purpose, "wall_s": wall,
-            "load_before": load_before, "load_after": load_after}  # fmt: skip
+    train(EXP / exp, out, ["--dataset_name", str(DATA / data), *extra], runs / f"{name}.log", force_load)
+    timing = json.loads((out / "bench_row.json").read_text())
+    return {"row": name, "experiment": exp, "overrides": extra, "purpose": purpose, **timing}
 
 
 def describe(row: dict[str, Any], runs: Path) -> dict[str, Any]:
