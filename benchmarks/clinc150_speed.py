@@ -41,13 +41,44 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
         "length-grouped, lr 2e-4, 5 epochs",
         ["--train_sampling_strategy", "group_by_length", "--learning_rate", "2e-4", "--num_train_epochs", "5"],
     ),
-    "grouped-bf16": (
-        "length-grouped, bf16 autocast",
-        ["--train_sampling_strategy", "group_by_length", "--bf16", "true"],
+    "grouped-lr2e-4-e5-ls": (
+        "length-grouped, lr 2e-4, 5 epochs, label smoothing 0.1",
+        [
+            "--train_sampling_strategy",
+            "group_by_length",
+            "--learning_rate",
+            "2e-4",
+            "--num_train_epochs",
+            "5",
+            "--label_smoothing_factor",
+            "0.1",
+        ],
     ),
-    "grouped-compile": (
-        "length-grouped, torch.compile",
-        ["--train_sampling_strategy", "group_by_length", "--torch_compile", "true"],
+    "grouped-lr2e-4-e5-bf16": (
+        "length-grouped, lr 2e-4, 5 epochs, bf16 autocast",
+        [
+            "--train_sampling_strategy",
+            "group_by_length",
+            "--learning_rate",
+            "2e-4",
+            "--num_train_epochs",
+            "5",
+            "--bf16",
+            "true",
+        ],
+    ),
+    "grouped-lr2e-4-e5-compile": (
+        "length-grouped, lr 2e-4, 5 epochs, torch.compile",
+        [
+            "--train_sampling_strategy",
+            "group_by_length",
+            "--learning_rate",
+            "2e-4",
+            "--num_train_epochs",
+            "5",
+            "--torch_compile",
+            "true",
+        ],
     ),
 }
 
