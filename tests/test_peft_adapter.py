@@ -215,7 +215,8 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
     """
     import importlib, json, sys
     import torch
-    import querytune  # importing the package alone registers the adapter type with PEFT
+    import querytune.methods
+    querytune.methods.register_bottleneck()  # the one documented call for users of plain PEFT
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 

@@ -283,10 +283,14 @@ def test_config_errors_name_the_key(tmp_path, conv_data):
 
 @pytest.mark.parametrize("method", ["freeze", "adapter"])
 def test_unsupported_methods_fail_clearly(tmp_path, tiny_gen_models, conv_data, method):
+    from querytune.config import ConfigError
     from querytune.tasks.rewrite.task import RewriteTask
 
-    cfg = load(rewrite_experiment(tmp_path, tiny_gen_models["llama"], conv_data, method=method))
-    with pytest.raises(ValueError, match=f"task 'rewrite' supports methods .*{method!r}"):
+    with pytest.raises(ConfigError, match=f"method {method!r} does not support task 'rewrite'"):
+        load(rewrite_experiment(tmp_path, tiny_gen_models["llama"], conv_data, method=method))
+    cfg = load(rewrite_experiment(tmp_path, tiny_gen_models["llama"], conv_data, method="lora"))
+    cfg.method.method = method  # a config built in code: the task refuses it too
+    with pytest.raises(ValueError, match=f"method {method!r} does not support task 'rewrite'"):
         RewriteTask(cfg)
 
 

@@ -24,7 +24,7 @@ import yaml
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
 from querytune.errors import ConfigError
-from querytune.methods.registry import MethodArguments
+from querytune.methods.registry import MethodArguments, get_method
 from querytune.tasks import argument_classes, arguments_of, task_names
 
 __all__ = ["ConfigError", "DataArguments", "ExperimentConfig", "MethodArguments", "ModelArguments",
@@ -431,6 +431,10 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         for part in task_parts:  # rules across sections (e.g. a slot option set for another task)
             if hasattr(part, "check"):
                 part.check(data)
+        method_spec = get_method(method.method)
+        if not method_spec.supports(data.task):
+            raise ValueError(f"method {method.method!r} does not support task {data.task!r} (it supports "
+                             f"{sorted(method_spec.tasks or [])})")  # fmt: skip
     except ValueError as err:
         raise ConfigError(f"{source}: {err}") from None
 
