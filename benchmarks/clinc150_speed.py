@@ -32,10 +32,13 @@ from common import check_load, cpu_slot, load_average  # noqa: E402
 EXPERIMENT = REPO / "experiments/intent/clinc150-full.yaml"
 # name -> (what it changes, overrides of the experiment file)
 RECIPES: dict[str, tuple[str, list[str]]] = {
-    "today": ("the experiment file as landed: random batches, lr 1e-4, 10 epochs", []),
+    "today": (
+        "the experiment file as landed (b8c84ce): random batches, lr 1e-4, 10 epochs",
+        ["--train_sampling_strategy", "random", "--learning_rate", "1e-4", "--num_train_epochs", "10"],
+    ),
     "grouped": (
         "length-grouped batches",
-        ["--train_sampling_strategy", "group_by_length"],
+        ["--train_sampling_strategy", "group_by_length", "--learning_rate", "1e-4", "--num_train_epochs", "10"],
     ),
     "grouped-lr2e-4-e5": (
         "length-grouped, lr 2e-4, 5 epochs",
