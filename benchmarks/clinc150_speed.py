@@ -68,6 +68,8 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
             "5",
             "--bf16",
             "true",
+            "--use_cpu",
+            "true",
         ],
     ),
     "grouped-lr2e-4-e5-compile": (
