@@ -44,6 +44,10 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
         "length-grouped, lr 2e-4, 5 epochs",
         ["--train_sampling_strategy", "group_by_length", "--learning_rate", "2e-4", "--num_train_epochs", "5"],
     ),
+    "grouped-lr2e-4-e6": (
+        "length-grouped, lr 2e-4, 6 epochs",
+        ["--train_sampling_strategy", "group_by_length", "--learning_rate", "2e-4", "--num_train_epochs", "6"],
+    ),
     "grouped-lr2e-4-e5-ls": (
         "length-grouped, lr 2e-4, 5 epochs, label smoothing 0.1",
         [
