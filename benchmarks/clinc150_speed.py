@@ -166,7 +166,7 @@ def write_table(args: argparse.Namespace, rows: list[dict]) -> None:
     from querytune.report import machine_description
 
     base = next((r for r in rows if r["recipe"] == "today"), None)
-    base_hit = time_to(base["points"], args.target) if base else None
+    base_hit = time_to(base["points"], args.ratio_target) if base else None
     lines = [
         "# CLINC150 time to accuracy (all-MiniLM-L6-v2, full fine-tuning)",
         "",
@@ -174,24 +174,25 @@ def write_table(args: argparse.Namespace, rows: list[dict]) -> None:
         f"{'; ' + args.device_note if args.device_note else ''}.",
         "",
         f"Target: {args.target:.1f}% in-scope accuracy on the CLINC150 test split (4,500 in-scope queries). "
-        "`train s to target` is training time only, up to the end of the first epoch that reached the target "
+        "`train s to X` is training time only, up to the end of the first epoch that reached X "
         "(the clock stops while the callback scores the test split and while the Trainer validates and saves). "
-        "`run wall s` is the whole `querytune train` run: data, every validation and checkpoint, final scoring and "
-        "saving. Load average is the 1-minute figure before and after each row; one training ran at a time.",
+        f"The ratio compares the time to {args.ratio_target:.1f}%, a level today's recipe reaches, with today's. "
+        "`run wall s` is the whole run: data, every validation and checkpoint, final scoring and saving. Load is the "
+        "1-minute load average before / after each row; one training ran at a time.",
         "",
-        "| recipe | changes | epochs | train samples/s | train s to target | epoch reached | vs today | "
+        f"| recipe | changes | epochs | train samples/s | train s to {args.target:.1f} (epoch) | "
+        f"train s to {args.ratio_target:.1f} (epoch) | speed-up to {args.ratio_target:.1f} vs today | "
         "final in-scope % | final OOS recall % | run wall s | load before / after |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        hit = time_to(r["points"], args.target)
         last = r["points"][-1] if r["points"] else {}
         cells = [r["recipe"], RECIPES[r["recipe"]][0], f"{r['epochs']:g}", f"{r['samples_per_s']:.1f}"]
-        if hit:
-            ratio = f"{base_hit['train_s'] / hit['train_s']:.2f}x" if base_hit else "–"
-            cells += [f"{hit['train_s']:.0f}", f"{hit['epoch']:g}", ratio]
-        else:
-            cells += ["not reached", "–", "–"]
+        for target in (args.target, args.ratio_target):
+            hit = time_to(r["points"], target)
+            cells.append(f"{hit['train_s']:.0f} ({hit['epoch']:g})" if hit else "not reached")
+        hit = time_to(r["points"], args.ratio_target)
+        cells.append(f"{base_hit['train_s'] / hit['train_s']:.2f}x" if hit and base_hit else "–")
         cells += [f"{100 * last.get('test_in_scope_accuracy', 0):.2f}", f"{100 * last.get('test_oos_recall', 0):.1f}",
                   f"{r['wall_s']:.0f}", f"{r['load_before']:.2f} / {r['load_after']:.2f}"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
@@ -212,6 +213,7 @@ def main() -> None:
     parser.add_argument("--runs", default=str(REPO / "runs/bench-clinc150-speed"))
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/clinc150_speed.md"))
     parser.add_argument("--target", type=float, default=96.0, help="in-scope accuracy %% to reach")
+    parser.add_argument("--ratio_target", type=float, default=95.5, help="the level the speed-up is measured at")
     parser.add_argument("--force", action="store_true", help="retrain recipes that already have a result")
     parser.add_argument("--force_load", action="store_true", help="start even when the machine is busy")
     parser.add_argument("--device_note", default="", help="e.g. 'one H200, bf16, batch 256'")
