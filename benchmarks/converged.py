@@ -57,7 +57,7 @@ RULES = (("in_scope_drop", "within 0.5 pt of argmax in-scope acc"), ("max_sum", 
 def run_row(name: str, runs: Path, force_load: bool) -> dict[str, Any]:
     exp, data, extra, purpose = ROWS[name]
     out = runs / name
-    train(EXP / exp, out, ["--dataset_name", str(DATA / data), *extra], runs / f"{name}.log", force_load)
+    train(EXP / exp, out, ["--dataset_name", str(DATA / data), *extra], runs / f"{name}.log", force_load or None)
     timing = json.loads((out / "bench_row.json").read_text())
     return {"row": name, "experiment": exp, "overrides": extra, "purpose": purpose, **timing}
 
