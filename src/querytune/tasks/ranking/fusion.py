@@ -30,7 +30,12 @@ FUSION_FILE = "retrieval_fusion.json"
 COMPONENTS = ("bm25", "dense")  # the order of the runs (and weights) in a fusion record
 METRIC = "ndcg@10"
 _NORMS = {"min-max": "min-max", "z-score": "zmuv"}
-_EMPTY = "\x00none"  # stands in for a query's empty run: ranx cannot hold a query without documents
+# ranx (numba) compiles its kernels for the width of the longest document id of a run, so every new width would mean
+# a new compilation (seconds to minutes, in the middle of a search request): documents are passed as codes of one
+# fixed width, their place in a per-call vocabulary. A query's empty run holds one stand-in code (ranx cannot hold
+# a query without documents).
+_WIDTH = 12
+_EMPTY = "~" * _WIDTH
 
 Ranked = list[tuple[str, float]]
 
@@ -54,9 +59,24 @@ def ranx_qrels(judged: dict[str, dict[str, float]], gain_offset: float) -> dict[
     return out
 
 
-def _run(runs: dict[str, Ranked], queries: list[str], name: str):
+class _Codes:
+    """Document id <-> fixed-width code, for one call."""
+
+    def __init__(self) -> None:
+        self.codes: dict[str, str] = {}
+        self.ids: dict[str, str] = {}
+
+    def __call__(self, doc_id: str) -> str:
+        code = self.codes.get(doc_id)
+        if code is None:
+            code = self.codes[doc_id] = f"{len(self.codes):0{_WIDTH}d}"
+            self.ids[code] = doc_id
+        return code
+
+
+def _run(runs: dict[str, Ranked], queries: list[str], name: str, codes: _Codes):
     ranx = _ranx()
-    data = {q: {d: float(s) for d, s in runs.get(q, [])} or {_EMPTY: 0.0} for q in queries}
+    data = {q: {codes(d): float(s) for d, s in runs.get(q, [])} or {_EMPTY: 0.0} for q in queries}
     return ranx.Run(data, name=name)
 
 
@@ -68,8 +88,9 @@ def choose_fusion(judged: dict[str, dict[str, float]], bm25: dict[str, Ranked], 
     if not qrels:
         raise ValueError("choosing the hybrid fusion needs validation queries with a relevant document; none has one")
     queries = sorted(qrels)
-    runs = [_run(bm25, queries, "bm25"), _run(dense, queries, "dense")]
-    qrels_ranx = ranx.Qrels(qrels)
+    codes = _Codes()
+    runs = [_run(bm25, queries, "bm25", codes), _run(dense, queries, "dense", codes)]
+    qrels_ranx = ranx.Qrels({q: {codes(d): g for d, g in gains.items()} for q, gains in qrels.items()})
     tried: dict[str, float] = {}
     best: dict[str, Any] | None = None
     options = ["rrf", "min-max", "z-score"] if fusion == "auto" else [fusion]
@@ -114,12 +135,13 @@ def fuse(record: dict[str, Any], bm25: dict[str, Ranked], dense: dict[str, Ranke
     queries = list(dict.fromkeys([*bm25, *dense]))
     if not queries:
         return {}
-    fused = ranx.fuse([_run(bm25, queries, "bm25"), _run(dense, queries, "dense")], norm=record["norm"],
+    codes = _Codes()
+    fused = ranx.fuse([_run(bm25, queries, "bm25", codes), _run(dense, queries, "dense", codes)], norm=record["norm"],
                       method=record["method"], params=_ranx_params(record["params"])).to_dict()  # fmt: skip
     out = {}
     for q in queries:
-        ranked = sorted(((d, float(s)) for d, s in fused.get(q, {}).items() if d != _EMPTY), key=lambda x: -x[1])
-        out[q] = ranked[:k]
+        ranked = [(codes.ids[c], float(s)) for c, s in fused.get(q, {}).items() if c != _EMPTY]
+        out[q] = sorted(ranked, key=lambda x: -x[1])[:k]
     return out
 
 

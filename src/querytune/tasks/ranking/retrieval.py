@@ -452,6 +452,8 @@ class RetrievalTask(RankingTask):
         state = self.search_state(run)
         if self.args.retrieval_mode != "dense":
             self._bm25(state.catalogue)
+        if state.fusion is not None:  # load ranx's compiled kernels now, not in the first request
+            fuse(state.fusion, {"q": [("a", 1.0)]}, {"q": [("a", 1.0)]}, 1)
 
     def search_hits(self, run, queries: list[str], k: int, mode: str | None = None,
                     batch_size: int = 64) -> list[Ranked]:  # fmt: skip
