@@ -398,7 +398,7 @@ def test_retrieval_loss_masks_other_positives_of_the_same_query(ranking_bert):
     inputs = {"query_input_ids": q["input_ids"], "query_attention_mask": q["attention_mask"],
               "doc_input_ids": d["input_ids"], "doc_attention_mask": d["attention_mask"]}  # fmt: skip
     trainer = RetrievalTrainer.__new__(RetrievalTrainer)
-    trainer.temperature = 0.05
+    trainer.temperature, trainer.contrastive_weight, trainer.distill_weight = 0.05, 1.0, 1.0
     loss = trainer.compute_loss(model, {**inputs, "query_ids": torch.tensor([0, 0])})
     with torch.no_grad():
         qe = embed_batch(model, q["input_ids"], q["attention_mask"])
@@ -498,3 +498,329 @@ def test_minilm_on_a_home_depot_slice(tmp_path):
     common[3], common[5] = str(tmp_path / "run-b"), "30"  # the bi-encoder only has to run end to end
     retrieval = run(load_config(REPO / "experiments/relevance/homedepot-retrieval-lora.yaml", common))
     assert retrieval.metrics["test_recall@100"] > 0.3
+
+
+# --- bi-encoder training: mined negatives, distillation
+def _miner(source="bm25", n=2, hard=True, bm25_hits=None, dense_hits=None, **kw):
+    from querytune.tasks.ranking.args import RankingArguments
+    from querytune.tasks.ranking.negatives import NegativeMiner, QueryJudgements
+
+    catalogue = {d: f"title {d}" for d in "abcdefghijklmnop"}
+    catalogue["a2"] = "Title  A"  # the same product as a, listed twice
+    queries = [QueryJudgements("train", "q1", "red shoes", {"a": 3.0, "b": 2.0, "c": 1.0}),
+               QueryJudgements("train", "q2", "oak lamp", {"d": 3.0, "e": 3.0}),
+               QueryJudgements("validation", "q3", "blue tent", {"f": 3.0, "g": 1.0}),
+               QueryJudgements("test", "q4", "steel kettle", {"h": 3.0, "i": 1.0})]  # fmt: skip
+    ranked = bm25_hits or {"red shoes": ["a", "b", "a2", "j", "c", "k", "l"], "oak lamp": list("dejkl"),
+                           "blue tent": list("fgmn"), "steel kettle": list("hijk")}  # fmt: skip
+    args = RankingArguments(retrieval_negatives=n, retrieval_negative_source=source, retrieval_hard_negatives=hard,
+                            retrieval_negative_depth=5, **kw)  # fmt: skip
+    calls = []
+
+    def search_dense(model, tokenizer, texts, k):
+        calls.append((list(texts), k))
+        return [(dense_hits or {}).get(t, list("ponmlkjihgfedcba"))[:k] for t in texts]
+
+    miner = NegativeMiner(args, catalogue, queries, search_bm25=lambda texts, k: [ranked[t][:k] for t in texts],
+                          search_dense=search_dense, seed=0)  # fmt: skip
+    return miner, calls
+
+
+def test_mined_negatives_are_unjudged_and_never_relevant():
+    miner, _ = _miner(n=3)
+    miner.mine_bm25()
+    miner.draw(("train", "validation"))
+    # Pools: the unjudged documents of each query's BM25 top 5 (depth); a2 repeats a's title: excluded too.
+    assert miner.pools["bm25"] == {0: ["j"], 1: ["j", "k", "l"], 2: ["m", "n"]}
+    assert 3 not in miner.pools["bm25"], "test queries are never mined"
+    for qi, q in enumerate(miner.queries):
+        for p in (p for p in range(len(miner.pair_query)) if miner.pair_query[p] == qi):
+            negatives = miner.negatives(p)
+            assert not set(negatives) & {d for d, y in q.judged.items() if y >= 2.5}, "never a relevant product"
+            mined = miner.drawn.get(qi, [])
+            assert not set(mined) & set(q.judged) and "a2" not in mined, "mined negatives are unjudged"
+            judged_negative = miner.pair_judged_negative[p]
+            assert judged_negative is None or q.judged[judged_negative] < 2.5
+    assert miner.drawn[1] == ["j", "k", "l"] and miner.drawn[0] == ["j"], "short pools give what they have"
+    # One row per relevant pair (q2 has two); the judged hard negative is q1's b or c, none for q2.
+    assert [miner.pair_positive[p] for p in range(len(miner.pair_query))] == ["a", "d", "e", "f", "h"]
+    assert miner.pair_judged_negative[1] is None and miner.pair_judged_negative[0] in ("b", "c")
+    no_hard, _ = _miner(hard=False)
+    assert all(j is None for j in no_hard.pair_judged_negative)
+
+
+def test_mixed_negatives_take_half_from_each_source_and_dense_mining_uses_the_model():
+    miner, calls = _miner(source="mixed", n=2)
+    miner.mine_bm25()
+    miner.mine_dense(torch.nn.Linear(1, 1), None, ("train", "validation"))
+    assert calls == [(["red shoes", "oak lamp", "blue tent"], 5)]
+    # dense top 5: p o n m l; unjudged for every query.
+    assert miner.pools["dense"][1] == list("ponml")
+    miner.draw(("train", "validation"))
+    assert len(miner.drawn[1]) == 2 and len(set(miner.drawn[1]) & set("jkl")) >= 1
+    assert len(set(miner.drawn[1]) & set("ponml")) >= 1
+    again, _ = _miner(source="mixed", n=2)
+    again.mine_bm25()
+    again.mine_dense(torch.nn.Linear(1, 1), None, ("train", "validation"))
+    again.draw(("train", "validation"))
+    assert again.drawn == miner.drawn, "seeded"
+
+
+def test_mining_callback_re_mines_train_queries_per_epoch_or_every_n_steps():
+    from types import SimpleNamespace
+
+    from querytune.tasks.ranking.negatives import MiningCallback
+
+    model = torch.nn.Linear(1, 1)
+    miner, calls = _miner(source="dense", n=1)
+    callback = MiningCallback(miner, tokenizer=None)
+    state = SimpleNamespace(global_step=0, max_steps=10)
+    callback.on_train_begin(None, state, None, model=model)
+    assert calls[-1][0] == ["red shoes", "oak lamp", "blue tent"] and miner.rounds == 1
+    callback.on_epoch_begin(None, state, None, model=model)  # the first epoch: drawn before training
+    assert len(calls) == 1
+    model.train()
+    callback.on_epoch_begin(None, state, None, model=model)
+    assert calls[-1][0] == ["red shoes", "oak lamp"], "validation negatives stay fixed"
+    assert model.training, "the model is back in training mode"
+    every, _ = _miner(source="dense", n=1, retrieval_remine_steps=3)
+    callback = MiningCallback(every, tokenizer=None)
+    callback.on_train_begin(None, state, None, model=model)
+    mined = []
+    for step in range(1, 10):
+        state.global_step = step
+        before = every.rounds
+        callback.on_step_end(None, state, None, model=model)
+        if every.rounds > before:
+            mined.append(step)
+    assert mined == [3, 6, 9]
+
+
+def test_margin_mse_by_hand_and_in_the_loss(ranking_bert):
+    from transformers import AutoModel, AutoTokenizer
+
+    from querytune.tasks.ranking.retrieval import RetrievalTrainer, embed_batch, margin_mse
+
+    # margins: student 2 - 0.5 = 1.5 and 1 - 1.5 = -0.5; teacher 3 - 1 = 2 and 0 - 1 = -1 -> ((-0.5)^2 + 0.5^2) / 2
+    got = margin_mse(torch.tensor([2.0, 1.0]), torch.tensor([0.5, 1.5]), torch.tensor([3.0, 0.0]),
+                     torch.tensor([1.0, 1.0]))  # fmt: skip
+    assert got.item() == pytest.approx(0.25)
+
+    model = AutoModel.from_pretrained(str(ranking_bert))
+    tok = AutoTokenizer.from_pretrained(str(ranking_bert))
+    q = tok(["red shoes", "oak lamp"], padding=True, return_tensors="pt")
+    d = tok(["red shoes set", "oak lamp set"], padding=True, return_tensors="pt")
+    n = tok(["blue tent", "red lamp", "green kettle"], padding=True, return_tensors="pt")
+    owner, t_pos, t_neg = torch.tensor([0, 0, 1]), torch.tensor([2.0, 1.0]), torch.tensor([0.5, -1.0, 0.0])
+    inputs = {"query_input_ids": q["input_ids"], "query_attention_mask": q["attention_mask"],
+              "doc_input_ids": d["input_ids"], "doc_attention_mask": d["attention_mask"],
+              "neg_input_ids": n["input_ids"], "neg_attention_mask": n["attention_mask"], "neg_owner": owner,
+              "query_ids": torch.tensor([0, 1]), "teacher_pos": t_pos, "teacher_neg": t_neg}  # fmt: skip
+    trainer = RetrievalTrainer.__new__(RetrievalTrainer)
+    trainer.temperature, trainer.contrastive_weight, trainer.distill_weight = 0.05, 0.5, 2.0
+    loss = trainer.compute_loss(model, inputs).item()
+    with torch.no_grad():
+        qe = embed_batch(model, q["input_ids"], q["attention_mask"])
+        de = embed_batch(model, d["input_ids"], d["attention_mask"])
+        ne = embed_batch(model, n["input_ids"], n["attention_mask"])
+    scores = qe @ torch.cat([de, ne]).T / 0.05
+    contrastive = torch.nn.functional.cross_entropy(scores, torch.arange(2)).item()
+    distill = 0.0
+    for m, o in enumerate(owner.tolist()):  # one triple per negative, by hand
+        student = (qe[o] @ de[o] - qe[o] @ ne[m]).item() / 0.05
+        distill += (student - (t_pos[o] - t_neg[m]).item()) ** 2 / 3
+    assert loss == pytest.approx(0.5 * contrastive + 2.0 * distill, rel=1e-4)
+    trainer.contrastive_weight = 0.0  # distillation alone
+    assert trainer.compute_loss(model, inputs).item() == pytest.approx(2.0 * distill, rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory, ranking_bert, ranking_data) -> Path:
+    """A cross-encoder trained a few steps: the teacher of the distillation tests."""
+    return _train(tmp_path_factory.mktemp("teacher"), ranking_bert, ranking_data, "rerank", method="full",
+                  max_steps=30, learning_rate=3e-3, rerank_objective="graded", rerank_negatives=2).output_dir  # fmt: skip
+
+
+def test_teacher_scores_are_computed_once_and_cached_by_teacher_and_pair(tmp_path, teacher_run, ranking_bert,
+                                                                         ranking_data):  # fmt: skip
+    from querytune.inference import LoadedRun
+    from querytune.tasks.ranking.common import score_pairs
+    from querytune.tasks.ranking.teacher import TeacherScores
+
+    teacher = TeacherScores(teacher_run, tmp_path / "cache")
+    queries, docs = (
+        ["red shoes", "red shoes", "oak lamp", "red shoes"],
+        ["red shoes set", "blue tent", "oak lamp", "red shoes set"],
+    )
+    scores = teacher(queries, docs)
+    loaded = LoadedRun(teacher_run)
+    np.testing.assert_allclose(scores, score_pairs(loaded.model, loaded.tokenizer, queries, docs, 32), atol=1e-5)
+    assert teacher.computed == 3, "a repeated pair is scored once"
+    teacher(queries[:2], docs[:2])
+    assert teacher.computed == 3, "cached in memory"
+    again = TeacherScores(teacher_run, tmp_path / "cache")
+    np.testing.assert_allclose(again(queries, docs), scores)
+    assert again.computed == 0 and again.path == teacher.path, "read back from disk"
+    other = _train(tmp_path / "other", ranking_bert, ranking_data, "rerank", method="full", max_steps=2, seed=1)
+    assert TeacherScores(other.output_dir, tmp_path / "cache").path != teacher.path, "keyed by the teacher's weights"
+    with pytest.raises(DataError, match="must be a rerank"):
+        TeacherScores(_train(tmp_path / "r", ranking_bert, ranking_data, "retrieval", max_steps=1).output_dir, None)
+
+
+def test_retrieval_distils_from_the_teacher_with_mined_negatives(tmp_path, teacher_run, ranking_bert, ranking_data):
+    """Mined BM25 negatives + Margin-MSE from the cross-encoder train end to end; the teacher scores every triple
+    once, and a second training reads them all from the cache."""
+    from querytune.tasks.ranking.retrieval import RetrievalCollator
+
+    common = {"retrieval_teacher": str(teacher_run), "retrieval_negatives": 2, "retrieval_negative_source": "bm25",
+              "catalogue_cache_dir": str(tmp_path / "cache"), "retrieval_contrastive_weight": 0.5}  # fmt: skip
+    first = _train(tmp_path / "a", ranking_bert, ranking_data, "retrieval", **common)
+    miner = first.trainer.data_collator.miner
+    assert isinstance(first.trainer.data_collator, RetrievalCollator) and miner.teacher.computed > 0
+    batch = first.trainer.data_collator([first.trainer.train_dataset[i] for i in range(4)])
+    assert {"teacher_pos", "teacher_neg", "neg_owner", "column_mask"} <= set(batch)
+    assert len(batch["teacher_neg"]) == len(batch["neg_owner"]) == len(batch["neg_input_ids"])
+    for qi, drawn in miner.drawn.items():
+        assert len(drawn) == 2 and not set(drawn) & set(miner.queries[qi].judged)
+    assert 0.0 <= first.metrics["test_ndcg@10"] <= 1.0 and math.isfinite(first.metrics["eval_loss"])
+    second = _train(tmp_path / "b", ranking_bert, ranking_data, "retrieval", **common)
+    assert second.trainer.data_collator.miner.teacher.computed == 0
+
+
+def test_dense_negatives_are_re_mined_while_training(tmp_path, ranking_bert, ranking_data):
+    from querytune.tasks.ranking.negatives import MiningCallback
+
+    result = _train(tmp_path, ranking_bert, ranking_data, "retrieval", max_steps=6, per_device_train_batch_size=2,
+                    retrieval_negatives=2, retrieval_negative_source="dense", retrieval_remine_steps=2)  # fmt: skip
+    callbacks = [c for c in result.trainer.callback_handler.callbacks if isinstance(c, MiningCallback)]
+    miner = callbacks[0].miner
+    # Drawn when tokenising (BM25 pools only: none here), mined before training, then at steps 2 and 4 (not after
+    # the last step); 8 pairs per epoch at batch 2: no second epoch.
+    assert len(callbacks) == 1 and miner.rounds == 4
+    for qi, drawn in miner.drawn.items():
+        assert drawn and not set(drawn) & set(miner.queries[qi].judged) and miner.queries[qi].role != "test"
+
+
+# --- hybrid retrieval and the full pipeline
+def test_fusion_is_chosen_from_the_judgements_it_is_given():
+    from querytune.tasks.ranking.fusion import choose_fusion, fuse
+
+    # BM25 finds each query's relevant document first, dense ranks it last: on these judgements the best fusion
+    # leans on BM25; with the judgements flipped, on dense.
+    docs = [f"d{i}" for i in range(6)]
+    bm25 = {f"q{i}": [(d, 6.0 - j) for j, d in enumerate(docs)] for i in range(4)}
+    dense = {f"q{i}": [(d, 0.1 * (j + 1)) for j, d in enumerate(docs)] for i in range(4)}
+    leans_bm25 = choose_fusion({q: {"d0": 3.0} for q in bm25}, bm25, dense, 1.0, "min-max")
+    leans_dense = choose_fusion({q: {"d5": 3.0} for q in bm25}, bm25, dense, 1.0, "min-max")
+    assert leans_bm25["params"]["weights"][0] > 0.5 > leans_dense["params"]["weights"][0]
+    assert leans_bm25["validation_ndcg@10"] == pytest.approx(1.0) and leans_bm25["validation_queries"] == 4
+    assert (
+        fuse(leans_bm25, bm25, dense, 2)["q0"][0][0] == "d0" and fuse(leans_dense, bm25, dense, 2)["q0"][0][0] == "d5"
+    )
+    auto = choose_fusion({q: {"d0": 3.0} for q in bm25}, bm25, dense, 1.0, "auto")
+    assert auto["fusion"] in ("rrf", "min-max", "z-score") and {k.split()[0] for k in auto["tried"]} == {
+        "rrf",
+        "min-max",
+        "z-score",
+    }
+    # A query that one run found nothing for still fuses (its other run's documents).
+    assert [d for d, _ in fuse(auto, {"q": []}, {"q": [("x", 0.9), ("y", 0.1)]}, 5)["q"]] == ["x", "y"]
+
+
+def test_hybrid_fusion_is_chosen_on_validation_queries_only(tmp_path, ranking_bert, ranking_data, monkeypatch):
+    """The fusion is chosen with the validation queries' judgements and runs and nothing else: a test or train
+    query reaching the choice fails this test. It is saved in the run and used by eval, predict and search."""
+    from querytune.cli import main
+    from querytune.inference import LoadedRun
+    from querytune.tasks.ranking import retrieval
+    from querytune.tasks.ranking.fusion import FUSION_FILE
+
+    seen = []
+    real = retrieval.choose_fusion
+
+    def spy(judged, bm25, dense, *args, **kwargs):
+        seen.append((set(judged), set(bm25), set(dense)))
+        return real(judged, bm25, dense, *args, **kwargs)
+
+    monkeypatch.setattr(retrieval, "choose_fusion", spy)
+    result = _train(tmp_path, ranking_bert, ranking_data, "retrieval", retrieval_mode="hybrid")
+    config = load_config(result.output_dir / "querytune_config.yaml")
+    splits = load_ranking_data(config.data, config.task_args, config.training.seed).splits
+    validation, test = set(splits["validation"]["query_id"]), set(splits["test"]["query_id"])
+    assert len(seen) == 1 and seen[0] == (validation, validation, validation), "validation queries only"
+    assert not validation & test and not validation & set(splits["train"]["query_id"])
+    record = json.loads((result.output_dir / FUSION_FILE).read_text())
+    assert record["chosen_on"] == "validation" and record["validation_queries"] <= len(validation)
+    m = result.metrics
+    for key in ("test_ndcg@10", "test_recall@20", "test_dense_ndcg@10", "test_bm25_recall@20", "eval_fusion_ndcg@10"):
+        assert 0.0 <= m[key] <= 1.0, key
+    # `querytune eval` uses the saved fusion (not a new choice on the test split) and reproduces the test metrics.
+    assert main(["eval", str(result.output_dir), "--split", "test"]) == 0
+    assert len(seen) == 1
+    scored = json.loads((result.output_dir / "evals" / f"{ranking_data.name}-test" / "metrics.json").read_text())
+    assert scored["ndcg@10"] == pytest.approx(m["test_ndcg@10"], abs=1e-5)
+    loaded = LoadedRun(result.output_dir)
+    found = loaded.task.search(loaded, ["red shoes"], top_k=3)[0]
+    assert found["mode"] == "hybrid" and len(found["hits"]) == 3 and found["hits"][0]["rank"] == 1
+    assert [h["doc_id"] for h in loaded.predict(["red shoes"], top_k=3)[0]["ranked"]] == [
+        h["id"] for h in found["hits"]
+    ]
+
+
+@pytest.fixture(scope="module")
+def hybrid_run(tmp_path_factory, ranking_bert, ranking_data) -> Path:
+    return _train(tmp_path_factory.mktemp("hybrid"), ranking_bert, ranking_data, "retrieval", method="full",
+                  retrieval_mode="hybrid", max_steps=10).output_dir  # fmt: skip
+
+
+def test_hybrid_then_cross_encoder_end_to_end(tmp_path, ranking_bert, ranking_data, hybrid_run):
+    """Hybrid top k -> cross-encoder: the reranker reorders exactly the hybrid run's candidates (same recall), and
+    `search` goes through both."""
+    from querytune.inference import LoadedRun
+
+    hybrid = json.loads((hybrid_run / "all_results.json").read_text())
+    result = _train(tmp_path, ranking_bert, ranking_data, "rerank", method="full", max_steps=30, learning_rate=3e-3,
+                    rerank_objective="graded", rerank_negatives=2, rerank_first_stage="hybrid",
+                    rerank_retrieval_run=str(hybrid_run))  # fmt: skip
+    m = result.metrics
+    assert m["test_first_stage_ndcg@10"] == pytest.approx(hybrid["test_ndcg@10"], abs=1e-6)
+    assert m["test_first_stage_recall@20"] == pytest.approx(hybrid["test_recall@20"], abs=1e-6)
+    assert m["test_recall@20"] == pytest.approx(hybrid["test_recall@20"], abs=1e-6), "a rerank keeps the candidates"
+    loaded = LoadedRun(result.output_dir)
+    assert loaded.task.search_unsupported() is None
+    found = loaded.task.search(loaded, ["red shoes"], top_k=5)[0]
+    retrieval = LoadedRun(hybrid_run)
+    candidates = {h["id"] for h in retrieval.task.search(retrieval, ["red shoes"], top_k=20)[0]["hits"]}
+    assert (
+        found["mode"] == "hybrid + rerank"
+        and len(found["hits"]) == 5
+        and {h["id"] for h in found["hits"]} <= candidates
+    )
+    scores = [h["score"] for h in found["hits"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_a_first_stage_trained_on_the_evaluated_queries_is_refused(tmp_path, ranking_bert, ranking_data, hybrid_run):
+    """No query in two splits across the pipeline: a retrieval run split with another seed has trained on some of
+    the reranker's test queries, and the pipeline refuses to score them."""
+    other = _train(tmp_path / "r", ranking_bert, ranking_data, "retrieval", retrieval_mode="hybrid", max_steps=2,
+                   ranking_split_seed=5)  # fmt: skip
+    with pytest.raises(DataError, match=r"used \d+ of the \d+ test queries in its (train|validation) split"):
+        _train(tmp_path / "x", ranking_bert, ranking_data, "rerank", max_steps=1, rerank_first_stage="hybrid",
+               rerank_retrieval_run=str(other.output_dir))  # fmt: skip
+    dense_only = _train(tmp_path / "d", ranking_bert, ranking_data, "retrieval", max_steps=1)
+    with pytest.raises(FileNotFoundError, match="retrieval_mode: hybrid"):
+        _train(tmp_path / "y", ranking_bert, ranking_data, "rerank", max_steps=1, rerank_first_stage="hybrid",
+               rerank_retrieval_run=str(dense_only.output_dir))  # fmt: skip
+
+
+def test_new_retrieval_options_name_the_key(tmp_path, ranking_bert, ranking_data):
+    for key, value in (("retrieval_mode", "sparse"), ("retrieval_fusion", "max"), ("retrieval_index", "annoy"),
+                       ("retrieval_negative_source", "random"), ("retrieval_negatives", -1),
+                       ("rerank_first_stage", "hybrid")):  # fmt: skip
+        exp = ranking_experiment(tmp_path, ranking_bert, ranking_data, "retrieval", **{key: value})
+        with pytest.raises(ConfigError, match=key):
+            load_config(exp)
+    exp = ranking_experiment(tmp_path, ranking_bert, ranking_data, "retrieval", retrieval_contrastive_weight=0.0)
+    with pytest.raises(ConfigError, match="retrieval_teacher"):
+        load_config(exp)

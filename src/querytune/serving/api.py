@@ -5,6 +5,7 @@ querytune serve RUN_OR_EXPORT_DIR [NAME=DIR ...] [--host 127.0.0.1 --port 8000]
 POST /predict {"queries": ["where is my package"], "top_k": 3, "runs": null}
   -> {"runs": [...], "results": [{"query": ..., "predictions": {RUN: <the task's predict result>}}]}
   A rerank (cross-encoder) run also takes "candidates": the documents it ranks for every query.
+POST /search {"query": "angle bracket", "top_k": 10} -> products by a run that searches a catalogue (serving/search.py).
 GET /health, GET /metadata (base model, method, labels, metrics per run), GET /metrics (Prometheus).
 
 Requests that arrive within `max_wait_ms` of each other are scored in one model call (up to `max_batch` queries):
@@ -30,6 +31,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field
+
+from querytune.serving.search import register_search
 
 logger = logging.getLogger(__name__)
 DEFAULT_TOP_K = 3
@@ -249,7 +252,9 @@ def create_app(runs: dict[str, Any], settings: ServeSettings | None = None) -> F
     async def observe(request: Request, call_next):
         start = time.perf_counter()
         endpoint = (
-            request.url.path if request.url.path in ("/predict", "/health", "/metadata", "/metrics") else "other"
+            request.url.path
+            if request.url.path in ("/predict", "/search", "/health", "/metadata", "/metrics")
+            else "other"
         )
         status = 500
         try:
@@ -329,6 +334,9 @@ def create_app(runs: dict[str, Any], settings: ServeSettings | None = None) -> F
             results.append({"query": query, "predictions": per_run})
         return {"runs": names, "results": results}
 
+    # POST /search (serving/search.py): runs that search a catalogue; searches run in the run's model thread.
+    register_search(app, runs, settings.max_query_chars,
+                    lambda name: getattr(state["batchers"].get(name), "executor", None))  # fmt: skip
     return app
 
 

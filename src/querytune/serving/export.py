@@ -254,6 +254,7 @@ def export_run(
     for name in (LABEL_MAP, CONFIG_FILE, METRICS_FILE):
         if (run_dir / name).is_file():
             shutil.copy2(run_dir / name, out / name)
+    extra_files = reference.task.export_files(reference, out)  # e.g. a retrieval run's catalogue and embeddings
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     inputs = outputs = None
     if fmt == "merged":
@@ -292,6 +293,7 @@ def export_run(
         "merge_note": note,
         "base_model": reference.info.get("base_model", reference.config.model.model_name_or_path),
         "metrics": reference.info.get("metrics", {}),
+        "extra_files": extra_files,
     }
     if fmt == "onnx":
         info |= {"onnx_file": ONNX_FILE, "inputs": inputs, "outputs": outputs, "opset": opset, "exporter": exporter,

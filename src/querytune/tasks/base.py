@@ -130,10 +130,26 @@ class Task(ABC):
     def evaluate(self, run, split: str, out_dir: Path, batch_size: int = 64) -> dict[str, Any]:
         """Score a loaded run on one split of `self.config.data`; write the reports (`querytune eval`)."""
 
+    # --- search (`POST /search`): runs that rank a catalogue of their own for a query
+    def search_unsupported(self) -> str | None:
+        """Why this run cannot search a catalogue (one line), or None when it can."""
+        return f"a {self.config.data.task} run does not search a catalogue"
+
+    def prepare_search(self, run) -> None:  # noqa: B027
+        """Load what `search` needs (catalogue, embeddings, indexes) before the server takes requests."""
+
+    def search(self, run, queries: list[str], top_k: int = 10, batch_size: int = 64) -> list[dict[str, Any]]:
+        """Per query: {"query", "mode", "hits": [{"rank", "id", "title", "score"}, ...]}, best first."""
+        raise NotImplementedError(self.search_unsupported() or "search")
+
     # --- export (`querytune export`): what is verified against the PyTorch run
     def export_unsupported(self) -> str | None:
         """Why runs of this task cannot be exported (one line), or None when they can."""
         return None
+
+    def export_files(self, run, out_dir: Path) -> list[str]:
+        """Files besides the model that an export of this run serves with (written into `out_dir`); their names."""
+        return []
 
     def verification_texts(self, run, split: str) -> tuple[list[str], list[str] | None]:
         """The queries (and text pairs) of one held-out split, to compare an export with the run."""

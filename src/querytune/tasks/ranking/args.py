@@ -10,6 +10,10 @@ from typing import ClassVar
 
 RANKING_TASKS = ("rerank", "retrieval")
 RERANK_OBJECTIVES = ("regression", "binary", "graded", "listwise")
+FIRST_STAGES = ("bm25", "judged", "dense", "hybrid")
+RETRIEVAL_MODES = ("dense", "bm25", "hybrid")
+FUSIONS = ("auto", "rrf", "min-max", "z-score")
+NEGATIVE_SOURCES = ("bm25", "dense", "mixed")
 
 
 @dataclass
@@ -52,16 +56,87 @@ class RankingArguments:
     )
     rerank_first_stage: str = field(
         default="bm25",
-        metadata={"help": "rerank evaluation: 'bm25' reranks the BM25 top retrieval_top_k over the whole catalogue; "
-                  "'judged' reranks only the judged documents of each query (barely discriminates)."},
+        metadata={"help": "rerank evaluation and search: 'bm25' reranks the BM25 top retrieval_top_k over the whole "
+                  "catalogue; 'dense' / 'hybrid' rerank the top retrieval_top_k of the retrieval run "
+                  "rerank_retrieval_run (hybrid: with the fusion saved in it); 'judged' reranks only the judged "
+                  "documents of each query (barely discriminates)."},
+    )  # fmt: skip
+    rerank_retrieval_run: str | None = field(
+        default=None,
+        metadata={"help": "rerank with rerank_first_stage dense / hybrid: a finished retrieval run (or its export) "
+                  "whose top retrieval_top_k the cross-encoder reorders."},
     )  # fmt: skip
     retrieval_top_k: int = field(
         default=100, metadata={"help": "rerank / retrieval: documents retrieved per query from the catalogue."}
     )
+    retrieval_mode: str = field(
+        default="dense",
+        metadata={"help": "retrieval: how the run searches: 'dense' (the bi-encoder), 'bm25', or 'hybrid' (BM25 and "
+                  "dense fused; the fusion and its weight are chosen on the validation queries at the end of "
+                  "training and saved in the run as retrieval_fusion.json)."},
+    )  # fmt: skip
+    retrieval_fusion: str = field(
+        default="auto",
+        metadata={"help": "retrieval hybrid: 'rrf' (reciprocal rank fusion, k chosen), 'min-max' / 'z-score' "
+                  "(weighted sum of normalised scores, weight chosen), or 'auto' (the best of the three on the "
+                  "validation queries' nDCG@10); fused with ranx."},
+    )  # fmt: skip
+    retrieval_fusion_depth: int | None = field(
+        default=None,
+        metadata={"help": "retrieval hybrid: documents taken from each of BM25 and dense before fusing; default "
+                  "retrieval_top_k."},
+    )  # fmt: skip
+    retrieval_index: str = field(
+        default="exact",
+        metadata={"help": "retrieval: 'exact' (brute-force cosine over the catalogue embeddings) or 'faiss' (an "
+                  "approximate nearest-neighbour index, for catalogues too large to search exactly)."},
+    )  # fmt: skip
+    retrieval_faiss_factory: str = field(
+        default="HNSW32",
+        metadata={"help": "retrieval_index faiss: the faiss index_factory string (inner product), e.g. 'HNSW32' or "
+                  "'IVF4096,Flat'."},
+    )  # fmt: skip
+    retrieval_faiss_params: str = field(
+        default="efSearch=128",
+        metadata={"help": "retrieval_index faiss: search-time parameters (faiss ParameterSpace), e.g. "
+                  "'efSearch=128' (HNSW) or 'nprobe=16' (IVF)."},
+    )  # fmt: skip
     retrieval_hard_negatives: bool = field(
         default=True,
         metadata={"help": "retrieval: add one judged non-relevant document of the same query per training pair."},
     )
+    retrieval_negatives: int = field(
+        default=0,
+        metadata={"help": "retrieval: unjudged catalogue documents mined per train / validation query as "
+                  "negatives of each of its pairs (never a document judged for the query)."},
+    )  # fmt: skip
+    retrieval_negative_source: str = field(
+        default="bm25",
+        metadata={"help": "retrieval negatives: 'bm25' (the query's unjudged BM25 top retrieval_negative_depth), "
+                  "'dense' (the current model's own unjudged top retrieval_negative_depth, re-mined during "
+                  "training) or 'mixed' (half each)."},
+    )  # fmt: skip
+    retrieval_negative_depth: int = field(
+        default=100, metadata={"help": "retrieval negatives: mined from each query's top N of the source."}
+    )
+    retrieval_remine_steps: int = field(
+        default=0,
+        metadata={"help": "retrieval negatives from 'dense' / 'mixed': re-mine the train queries' negatives with "
+                  "the model being trained every N optimizer steps (0: at the start of every epoch)."},
+    )  # fmt: skip
+    retrieval_teacher: str | None = field(
+        default=None,
+        metadata={"help": "retrieval: a finished rerank (cross-encoder) run to distil from: Margin-MSE on each "
+                  "(query, positive, negative) triple scored by it (scores cached by teacher weights and pair)."},
+    )  # fmt: skip
+    retrieval_distill_weight: float = field(
+        default=1.0, metadata={"help": "retrieval with retrieval_teacher: weight of the Margin-MSE loss."}
+    )
+    retrieval_contrastive_weight: float = field(
+        default=1.0,
+        metadata={"help": "retrieval: weight of the in-batch contrastive loss (0 with retrieval_teacher: "
+                  "distillation alone)."},
+    )  # fmt: skip
     retrieval_temperature: float = field(
         default=0.05, metadata={"help": "retrieval: softmax temperature of the in-batch contrastive loss."}
     )
@@ -99,14 +174,33 @@ class RankingArguments:
                              f"{self.rerank_negative_source!r}")  # fmt: skip
         if self.rerank_negatives < 0:
             raise ValueError(f"rerank_negatives must be >= 0, got {self.rerank_negatives}")
-        if self.rerank_first_stage not in ("bm25", "judged"):
-            raise ValueError(f"rerank_first_stage must be 'bm25' or 'judged', got {self.rerank_first_stage!r}")
-        for name in ("retrieval_top_k", "max_train_queries", "max_eval_queries"):
+        choices = {"rerank_first_stage": FIRST_STAGES, "retrieval_mode": RETRIEVAL_MODES,
+                   "retrieval_fusion": FUSIONS, "retrieval_index": ("exact", "faiss"),
+                   "retrieval_negative_source": NEGATIVE_SOURCES}  # fmt: skip
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.rerank_first_stage in ("dense", "hybrid") and not self.rerank_retrieval_run:
+            raise ValueError(f"rerank_first_stage {self.rerank_first_stage!r} needs rerank_retrieval_run (a finished "
+                             "retrieval run)")  # fmt: skip
+        for name in ("retrieval_top_k", "max_train_queries", "max_eval_queries", "retrieval_fusion_depth",
+                     "retrieval_negative_depth"):  # fmt: skip
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
+        for name in ("retrieval_negatives", "retrieval_remine_steps", "retrieval_distill_weight",
+                     "retrieval_contrastive_weight"):  # fmt: skip
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.retrieval_temperature <= 0:
             raise ValueError(f"retrieval_temperature must be positive, got {self.retrieval_temperature}")
+        if not self.retrieval_teacher and self.retrieval_contrastive_weight == 0:
+            raise ValueError("retrieval_contrastive_weight 0 leaves no loss without retrieval_teacher")
+        if self.retrieval_teacher and self.retrieval_distill_weight == 0 and self.retrieval_contrastive_weight == 0:
+            raise ValueError("retrieval_distill_weight and retrieval_contrastive_weight are both 0: no loss")
+        if self.retrieval_teacher and not (self.retrieval_negatives or self.retrieval_hard_negatives):
+            raise ValueError("retrieval_teacher distils on (query, positive, negative) triples: set "
+                             "retrieval_negatives or retrieval_hard_negatives")  # fmt: skip
 
     def check(self, data) -> None:
         """Rules across sections (the common data options and the task)."""

@@ -10,6 +10,7 @@ catalogue, with the bundled ranking metric module (`querytune/metrics/ranking`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -24,6 +25,7 @@ from querytune.data import DataError
 from querytune.metrics import load_metric
 from querytune.tasks.base import Task, length_batches
 from querytune.tasks.ranking.args import RankingArguments
+from querytune.tasks.ranking.bm25 import BM25Index
 from querytune.tasks.ranking.data import RankingData, load_ranking_data, read_catalogue
 
 logger = logging.getLogger(__name__)
@@ -75,6 +77,15 @@ def score_pairs(model, tokenizer, queries: list[str], documents: list[str], max_
     return out
 
 
+def model_fingerprint(model) -> str:
+    """A digest of every weight: the cache key of catalogue embeddings and teacher scores for exactly this model."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
 def ranking_metrics(runs: dict[str, list[tuple[str, float]]], judged: dict[str, dict[str, float]],
                     args: RankingArguments,
                     recall_k: tuple[int, ...] = (), rmse: bool = False) -> dict[str, float]:  # fmt: skip
@@ -124,6 +135,22 @@ class RankingTask(Task):
     def __init__(self, config) -> None:
         super().__init__(config)
         self.data: RankingData | None = None
+
+    @property
+    def args(self) -> RankingArguments:
+        """Always the current config's options (`querytune eval` swaps in a config re-parsed with overrides)."""
+        return self.config.task_args
+
+    @args.setter
+    def args(self, value: RankingArguments) -> None:
+        pass  # Task.__init__ assigns config.task_args: the property above already reads it
+
+    def _bm25(self, catalogue: dict[str, str]) -> BM25Index:
+        """The BM25 index of `catalogue`, built once per catalogue object (the object is kept, so an id is never
+        reused for another catalogue)."""
+        if getattr(self, "_bm25_catalogue", None) is not catalogue:
+            self._bm25_index, self._bm25_catalogue = BM25Index(list(catalogue), list(catalogue.values())), catalogue
+        return self._bm25_index
 
     def load_data(self) -> DatasetDict:
         self.data = load_ranking_data(self.config.data, self.args, self.config.training.seed)

@@ -25,10 +25,10 @@ from datasets import Dataset, DatasetDict
 from torch.utils.data import Sampler
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, EvalPrediction, Trainer
 
+from querytune.data import DataError
 from querytune.metrics import load_metric
-from querytune.tasks.ranking.bm25 import BM25Index
 from querytune.tasks.ranking.common import RankingTask, encode_pairs, ranking_metrics, score_pairs, write_rankings
-from querytune.tasks.ranking.data import COLUMNS, first_query_texts, qrels
+from querytune.tasks.ranking.data import COLUMNS, first_query_texts, load_ranking_data, qrels
 
 logger = logging.getLogger(__name__)
 
@@ -218,19 +218,75 @@ class RerankTask(RankingTask):
             out["rmse"] = metrics["rmse"]
         return out
 
-    def rerank_split(self, model, tokenizer, split: Dataset, batch_size: int = 128) -> tuple[dict, dict]:
-        """First stage (BM25 over the catalogue, or the judged documents) then the cross-encoder; ranked lists."""
+    # --- the first stage: what the cross-encoder reorders
+    def retrieval_run(self):
+        """The finished retrieval run of `rerank_first_stage` dense / hybrid, loaded once."""
+        if getattr(self, "_retrieval_run", None) is None:
+            from querytune.inference import LoadedRun
+
+            path = self.args.rerank_retrieval_run
+            if not path or not Path(path).is_dir():
+                raise DataError(f"rerank_retrieval_run: {path!r} is not a run directory (rerank_first_stage "
+                                f"{self.args.rerank_first_stage} needs a finished retrieval run)")  # fmt: skip
+            loaded = LoadedRun(path, merge=True, device="cpu")
+            if loaded.config.data.task != "retrieval":
+                raise DataError(f"rerank_retrieval_run: {path} is a {loaded.config.data.task!r} run, not a retrieval "
+                                "run")  # fmt: skip
+            self._retrieval_run = loaded
+        return self._retrieval_run
+
+    def first_stage(self, queries: list[str], catalogue: dict[str, str] | None, k: int,
+                    batch_size: int = 128) -> list[list[tuple[str, float]]]:  # fmt: skip
+        """Each query's candidates from `rerank_first_stage` (bm25 over `catalogue`, or the retrieval run)."""
+        stage = self.args.rerank_first_stage
+        if stage == "bm25":
+            return self._bm25(catalogue).search(queries, k)
+        retrieval = self.retrieval_run()
+        own = retrieval.task.search_state(retrieval).catalogue
+        if catalogue is not None and own.keys() != catalogue.keys():
+            raise DataError(f"rerank_retrieval_run {self.args.rerank_retrieval_run} searches another catalogue "
+                            f"({len(own)} documents) than this run ({len(catalogue)}): train both on the same data "
+                            "and catalogue_file")  # fmt: skip
+        return retrieval.task.search_hits(retrieval, queries, k, mode=stage, batch_size=batch_size)
+
+    def check_first_stage_queries(self, queries: set[str], role: str) -> None:
+        """The retrieval run must not have trained on the queries it retrieves for here (nor chosen its fusion on
+        them, when they are test queries)."""
+        if self.args.rerank_first_stage not in ("dense", "hybrid"):
+            return
+        retrieval = self.retrieval_run()
+        cfg = retrieval.config
+        try:
+            seen = load_ranking_data(cfg.data, cfg.task_args, cfg.training.seed).splits
+        except Exception as err:  # noqa: BLE001  (its data may be gone: say so, but do not block the evaluation)
+            logger.warning("could not read the data of rerank_retrieval_run to check its splits: %s", err)
+            return
+        used = ("train", "validation") if role == "test" else ("train",)
+        for name in used:
+            if name in seen:
+                shared = queries & set(seen[name]["query_id"])
+                if shared:
+                    raise DataError(f"rerank_retrieval_run {self.args.rerank_retrieval_run} used {len(shared)} of the "
+                                    f"{len(queries)} {role} queries in its {name} split (e.g. {sorted(shared)[0]!r}): "
+                                    "train it on the same split rule (ranking_split_seed, percentages)")  # fmt: skip
+
+    def rerank_split(self, model, tokenizer, split: Dataset, batch_size: int = 128,
+                     role: str = "test") -> tuple[dict, dict, dict | None]:  # fmt: skip
+        """First stage (BM25 or a retrieval run over the catalogue, or the judged documents) then the cross-encoder:
+        the reranked lists, the judgements, and the first stage's own lists (None for judged)."""
         args = self.args
         judged = qrels(split)
         queries = first_query_texts(split)
         catalogue = self._catalogue()
+        first = None
         if args.rerank_first_stage == "judged":
             candidates = {q: list(docs) for q, docs in judged.items()}
         else:
-            index = self._bm25(catalogue)
             ids = list(judged)
-            hits = index.search([queries[q] for q in ids], args.retrieval_top_k)
-            candidates = {q: [d for d, _ in h] for q, h in zip(ids, hits, strict=True)}
+            self.check_first_stage_queries(set(ids), role)
+            hits = self.first_stage([queries[q] for q in ids], catalogue, args.retrieval_top_k, batch_size)
+            first = dict(zip(ids, hits, strict=True))
+            candidates = {q: [d for d, _ in h] for q, h in first.items()}
         pairs = [(q, d) for q, docs in candidates.items() for d in docs]
         scores = score_pairs(model, tokenizer, [queries[q] for q, _ in pairs], [catalogue.get(d, d) for _, d in pairs],
                              self.config.model.max_seq_length, batch_size)  # fmt: skip
@@ -239,21 +295,49 @@ class RerankTask(RankingTask):
             runs[q].append((d, float(s)))
         for q in runs:
             runs[q].sort(key=lambda x: -x[1])
-        return runs, judged
-
-    def _bm25(self, catalogue: dict[str, str]) -> BM25Index:
-        """The BM25 index of `catalogue`, built once per catalogue object (the object is kept, so an id is never
-        reused for another catalogue)."""
-        if getattr(self, "_bm25_catalogue", None) is not catalogue:
-            self._bm25_index, self._bm25_catalogue = BM25Index(list(catalogue), list(catalogue.values())), catalogue
-        return self._bm25_index
+        return runs, judged, first
 
     def catalogue_metrics(self, model, tokenizer, split: Dataset, out_dir: Path, role: str,
                           batch_size: int = 128) -> dict[str, float]:  # fmt: skip
-        runs, judged = self.rerank_split(model, tokenizer, split, batch_size)
+        runs, judged, first = self.rerank_split(model, tokenizer, split, batch_size, role)
         write_rankings(out_dir / f"{role}_rankings.jsonl", runs, first_query_texts(split), self._catalogue(), judged)
         k = self.args.retrieval_top_k
-        return ranking_metrics(runs, judged, self.args, recall_k=tuple(sorted({10, k})))
+        metrics = ranking_metrics(runs, judged, self.args, recall_k=tuple(sorted({10, k})))
+        if first is not None:  # what the first stage alone scored on the same queries
+            found = ranking_metrics(first, judged, self.args, recall_k=tuple(sorted({10, k})))
+            metrics.update({f"first_stage_{m}": v for m, v in found.items() if not m.startswith("num_")})
+        return metrics
+
+    # --- search (`POST /search`): the first stage over the catalogue, then the cross-encoder
+    def search_unsupported(self) -> str | None:
+        if self.args.rerank_first_stage == "judged":
+            return "rerank_first_stage judged has no first stage to search a catalogue with"
+        return None
+
+    def prepare_search(self, run) -> None:
+        if self.args.rerank_first_stage == "bm25":
+            self._bm25(self._catalogue())
+        else:
+            retrieval = self.retrieval_run()
+            retrieval.task.prepare_search(retrieval)
+
+    def search(self, run, queries: list[str], top_k: int = 10, batch_size: int = 64) -> list[dict[str, Any]]:
+        """The first stage's top retrieval_top_k reordered by the cross-encoder; the best top_k of them."""
+        catalogue = self._catalogue() if self.args.rerank_first_stage == "bm25" else None
+        hits = self.first_stage(queries, catalogue, self.args.retrieval_top_k, batch_size)
+        if catalogue is None:
+            retrieval = self.retrieval_run()
+            catalogue = retrieval.task.search_state(retrieval).catalogue
+        results = []
+        for query, found in zip(queries, hits, strict=True):
+            docs = [d for d, _ in found]
+            scores = score_pairs(run.model, run.tokenizer, [query] * len(docs), [catalogue[d] for d in docs],
+                                 self.config.model.max_seq_length, batch_size) if docs else np.zeros(0)  # fmt: skip
+            order = np.argsort(-scores, kind="stable")[: max(1, top_k)]
+            results.append({"query": query, "mode": f"{self.args.rerank_first_stage} + rerank",
+                            "hits": [{"rank": r + 1, "id": docs[i], "title": catalogue[docs[i]],
+                                      "score": round(float(scores[i]), 6)} for r, i in enumerate(order)]})  # fmt: skip
+        return results
 
     def predict(self, run, texts: list[str], top_k: int = 0, batch_size: int = 64, candidates: list[str] | None = None,
                 **inputs) -> list[dict[str, Any]]:  # fmt: skip
