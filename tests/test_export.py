@@ -248,6 +248,12 @@ def test_fused_export_matches_pytorch_and_records_the_fusions(lora_run, tmp_path
     assert plain["optimizer"] == {"applied": False, "reason": "--no_optimize"}
     assert "Attention" not in {n.op_type for n in onnx.load(str(tmp_path / "plain" / ONNX_FILE)).graph.node}
 
+    # A TorchScript graph goes through ONNX Runtime's own optimizer: LayerNorm and GELU fusions, no attention.
+    legacy = export_run(lora_run, fmt="onnx", output_dir=tmp_path / "ts", exporter="torchscript")
+    assert legacy["optimizer"]["applied"] is True and legacy["optimizer"]["tool"].startswith("onnxruntime")
+    assert legacy["optimizer"]["fused"].get("SkipLayerNormalization", 0) >= 2
+    assert legacy["verification"]["outputs"]["logits"]["top1_agreement"] == 1.0
+
 
 def test_a_fused_graph_that_differs_from_the_run_is_not_served(lora_run, tmp_path, monkeypatch):
     """The optimizer's output is checked, not trusted: a graph whose logits moved is replaced by the plain one."""
@@ -301,9 +307,29 @@ def test_the_int8_setting_is_applied_and_recorded(lora_run, tmp_path, capsys):
     q = LoadedRun(tmp_path / "static").predict(TEXTS)
     assert [r["query"] for r in q] == TEXTS and all(0 <= r["score"] <= 1 for r in q)
 
+    smooth = export_run(lora_run, fmt="onnx", quantize="int8", output_dir=tmp_path / "smooth",
+                        quantization="dynamic-matmul-pc-smooth0.5")  # fmt: skip
+    assert smooth["quantization"]["smoothing"]["smoothed_matmuls"] == 2 * 3  # per layer: attention out, FFN in, out
+    nodes = {n.name: n.op_type for n in onnx.load(str(tmp_path / "smooth" / ONNX_FILE)).graph.node}
+    assert sum(name.startswith("smooth_") and op == "Mul" for name, op in nodes.items()) >= 6
+
     assert main(["export", str(lora_run), "--format", "onnx", "--quantization", "static-qdq-matmul-pc",
                  "--output_dir", str(tmp_path / "x")]) == 2  # fmt: skip
     assert "--quantization names an int8 setting: it needs --quantize int8" in capsys.readouterr().err
     assert main(["export", str(lora_run), "--format", "onnx", "--quantize", "int8", "--quantization", "magic",
                  "--output_dir", str(tmp_path / "y")]) == 2  # fmt: skip
     assert "unknown quantization setting 'magic'" in capsys.readouterr().err
+
+
+def test_smoothing_changes_no_output_in_fp32(lora_run, tmp_path):
+    """SmoothQuant's rescaling is exact in fp32: X / s times s W. Only int8 rounding sees the difference."""
+    export_run(lora_run, fmt="onnx", output_dir=tmp_path / "onnx")
+    src = tmp_path / "onnx" / ONNX_FILE
+    run = LoadedRun(lora_run, merge=False)
+    texts, _ = export_module.training_sample(run, 64)
+    feeds = export_module.calibration_feeds(run, texts, None, ["input_ids", "token_type_ids", "attention_mask"])
+    record = export_module.smooth_graph(src, tmp_path / "smoothed.onnx", feeds, alpha=0.5)
+    assert record["smoothed_matmuls"] > 0
+    before, after = export_module.run_graph(src, feeds), export_module.run_graph(tmp_path / "smoothed.onnx", feeds)
+    for a, b in zip(before, after, strict=True):
+        np.testing.assert_allclose(a[0], b[0], rtol=1e-4, atol=1e-4)
