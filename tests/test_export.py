@@ -15,7 +15,7 @@ from querytune.errors import ExportError
 from querytune.inference import LoadedRun, load_run
 from querytune.runs import EXPORT_MARKER, ONNX_FILE, read_export
 from querytune.serving import export as export_module
-from querytune.serving.export import VERIFY_FILE, export_run
+from querytune.serving.export import DEFAULT_QUANT, FUSION_TOLERANCE, QUANT_SETTINGS, VERIFY_FILE, export_run
 
 from .conftest import tiny_experiment, write_jsonl
 from .test_ranking import ranking_bert, ranking_data  # noqa: F401  (fixtures: the tiny ranking corpus and model)
@@ -165,7 +165,7 @@ def test_a_half_written_export_never_looks_finished(lora_run, tmp_path, monkeypa
     monkeypatch.setattr(export_module, "compare_outputs", crash)
     with pytest.raises(RuntimeError, match="killed"):
         export_run(lora_run, fmt="onnx", output_dir=out)
-    assert (out / ONNX_FILE).is_file() and not (out / EXPORT_MARKER).exists()
+    assert (out / "config.json").is_file() and not (out / EXPORT_MARKER).exists()
     with pytest.raises(ExportError, match="not a finished querytune export"):
         LoadedRun(out)
     assert not load_run(lora_run).is_export  # a run dir still loads as a run
@@ -222,3 +222,114 @@ def test_rerank_cross_encoder_exports_its_pairs(tmp_path, ranking_bert, ranking_
     assert [h["text"] for h in got[0]["ranked"]] == [h["text"] for h in want[0]["ranked"]]
     assert main(["export", str(run), "--format", "onnx", "--output_dir", str(tmp_path / "x"), "--verify_file",
                  str(exp)]) == 2  # fmt: skip
+
+
+# --- issue 20: fused graphs and the int8 setting
+def test_fused_export_matches_pytorch_and_records_the_fusions(lora_run, tmp_path):
+    """ONNX Runtime's transformer optimizer fuses the exported graph; the fused graph is served only because it
+    matches the PyTorch run within FUSION_TOLERANCE (and --no_optimize serves the plain graph)."""
+    import onnx
+
+    info = export_run(lora_run, fmt="onnx", output_dir=tmp_path / "fused")
+    opt = info["optimizer"]
+    assert opt["applied"] is True, opt
+    assert opt["check"]["top1_agreement"] == 1.0 and opt["check"]["max_abs_logit_diff"] <= FUSION_TOLERANCE
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "fused" / ONNX_FILE)).graph.node}
+    assert {"Attention", "SkipLayerNormalization"} <= ops and {"Softmax", "Erf"}.isdisjoint(ops), ops
+    assert opt["fused"]["attention"] == 2 and opt["fused"]["skip_layer_normalization"] >= 2  # both layers
+    check = info["verification"]["outputs"]["logits"]
+    assert check["top1_agreement"] == 1.0 and check["max_abs_logit_diff"] <= FUSION_TOLERANCE
+    reference, exported = LoadedRun(lora_run, merge=False), LoadedRun(tmp_path / "fused")
+    for batch in (["track package 7"], TEXTS * 7):  # batch 1 and more than one padded length
+        np.testing.assert_allclose(exported.logits(batch), reference.logits(batch), atol=FUSION_TOLERANCE)
+    assert read_export(tmp_path / "fused")["optimizer"]["applied"] is True
+
+    plain = export_run(lora_run, fmt="onnx", output_dir=tmp_path / "plain", optimize=False)
+    assert plain["optimizer"] == {"applied": False, "reason": "--no_optimize"}
+    assert "Attention" not in {n.op_type for n in onnx.load(str(tmp_path / "plain" / ONNX_FILE)).graph.node}
+
+    # A TorchScript graph goes through ONNX Runtime's own optimizer: LayerNorm and GELU fusions, no attention.
+    legacy = export_run(lora_run, fmt="onnx", output_dir=tmp_path / "ts", exporter="torchscript")
+    assert legacy["optimizer"]["applied"] is True and legacy["optimizer"]["tool"].startswith("onnxruntime")
+    assert legacy["optimizer"]["fused"].get("SkipLayerNormalization", 0) >= 2
+    assert legacy["verification"]["outputs"]["logits"]["top1_agreement"] == 1.0
+
+
+def test_a_fused_graph_that_differs_from_the_run_is_not_served(lora_run, tmp_path, monkeypatch):
+    """The optimizer's output is checked, not trusted: a graph whose logits moved is replaced by the plain one."""
+    import onnx
+
+    real = export_module.optimize_graph
+
+    def broken(src, dst, *rest):
+        result = real(src, dst, *rest)
+        model = onnx.load(str(dst))
+        out = model.graph.output[0].name
+        for node in model.graph.node:  # scale the logits: a wrong fusion, as far as the check can tell
+            node.output[:] = [f"{o}_pre" if o == out else o for o in node.output]
+        scale = onnx.helper.make_tensor("scale_by_two", onnx.TensorProto.FLOAT, [], [2.0])
+        model.graph.initializer.append(scale)
+        model.graph.node.append(onnx.helper.make_node("Mul", [f"{out}_pre", "scale_by_two"], [out]))
+        onnx.save(model, str(dst))
+        return result
+
+    monkeypatch.setattr(export_module, "optimize_graph", broken)
+    info = export_run(lora_run, fmt="onnx", output_dir=tmp_path / "onnx")
+    assert info["optimizer"]["applied"] is False and "differs from the run" in info["optimizer"]["reason"]
+    check = info["verification"]["outputs"]["logits"]
+    assert check["top1_agreement"] == 1.0 and check["max_abs_logit_diff"] < 1e-4
+
+
+def test_the_int8_setting_is_applied_and_recorded(lora_run, tmp_path, capsys):
+    import onnx
+
+    default = export_run(lora_run, fmt="onnx", quantize="int8", output_dir=tmp_path / "default")
+    record = read_export(tmp_path / "default")["quantization"]
+    assert record["setting"] == QUANT_SETTINGS[DEFAULT_QUANT].describe() == default["quantization"]["setting"]
+    assert record["calibration"].endswith("queries of the train split")
+
+    skip = export_run(lora_run, fmt="onnx", quantize="int8", output_dir=tmp_path / "skip",
+                      quantization="dynamic-matmul-pc-skip2")  # fmt: skip
+    record = skip["quantization"]
+    assert record["setting"]["name"] == "dynamic-matmul-pc-skip2" and len(record["excluded_nodes"]) == 2
+    ranked = [r["disturbance"] for r in record["sensitivity"]]
+    assert [r["node"] for r in record["sensitivity"][:2]] == record["excluded_nodes"] and ranked == sorted(ranked)[
+        ::-1
+    ]
+    nodes = {n.name: n.op_type for n in onnx.load(str(tmp_path / "skip" / ONNX_FILE)).graph.node}
+    assert all(nodes.get(name) in ("MatMul", "Attention") for name in record["excluded_nodes"]), record  # still fp32
+    assert any(op in ("MatMulInteger", "DynamicQuantizeMatMul", "QAttention") for op in nodes.values())
+
+    static = export_run(lora_run, fmt="onnx", quantize="int8", output_dir=tmp_path / "static",
+                        quantization="static-qdq-matmul-pc")  # fmt: skip
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "static" / ONNX_FILE)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and static["quantization"]["setting"]["static"] is True
+    q = LoadedRun(tmp_path / "static").predict(TEXTS)
+    assert [r["query"] for r in q] == TEXTS and all(0 <= r["score"] <= 1 for r in q)
+
+    smooth = export_run(lora_run, fmt="onnx", quantize="int8", output_dir=tmp_path / "smooth",
+                        quantization="dynamic-matmul-pc-smooth0.5")  # fmt: skip
+    assert smooth["quantization"]["smoothing"]["smoothed_matmuls"] == 2 * 3  # per layer: attention out, FFN in, out
+    nodes = {n.name: n.op_type for n in onnx.load(str(tmp_path / "smooth" / ONNX_FILE)).graph.node}
+    assert sum(name.startswith("smooth_") and op == "Mul" for name, op in nodes.items()) >= 6
+
+    assert main(["export", str(lora_run), "--format", "onnx", "--quantization", "static-qdq-matmul-pc",
+                 "--output_dir", str(tmp_path / "x")]) == 2  # fmt: skip
+    assert "--quantization names an int8 setting: it needs --quantize int8" in capsys.readouterr().err
+    assert main(["export", str(lora_run), "--format", "onnx", "--quantize", "int8", "--quantization", "magic",
+                 "--output_dir", str(tmp_path / "y")]) == 2  # fmt: skip
+    assert "unknown quantization setting 'magic'" in capsys.readouterr().err
+
+
+def test_smoothing_changes_no_output_in_fp32(lora_run, tmp_path):
+    """SmoothQuant's rescaling is exact in fp32: X / s times s W. Only int8 rounding sees the difference."""
+    export_run(lora_run, fmt="onnx", output_dir=tmp_path / "onnx")
+    src = tmp_path / "onnx" / ONNX_FILE
+    run = LoadedRun(lora_run, merge=False)
+    texts, _ = export_module.training_sample(run, 64)
+    feeds = export_module.calibration_feeds(run, texts, None, ["input_ids", "token_type_ids", "attention_mask"])
+    record = export_module.smooth_graph(src, tmp_path / "smoothed.onnx", feeds, alpha=0.5)
+    assert record["smoothed_matmuls"] > 0
+    before, after = export_module.run_graph(src, feeds), export_module.run_graph(tmp_path / "smoothed.onnx", feeds)
+    for a, b in zip(before, after, strict=True):
+        np.testing.assert_allclose(a[0], b[0], rtol=1e-4, atol=1e-4)

@@ -144,7 +144,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     info = export_run(args.run_dir, fmt=args.format, quantize=args.quantize, output_dir=args.output_dir,
                       overwrite=args.overwrite, verify_samples=args.verify_samples, verify_file=args.verify_file,
-                      opset=args.opset, exporter=args.exporter)  # fmt: skip
+                      opset=args.opset, exporter=args.exporter, optimize=not args.no_optimize,
+                      quantization=args.quantization)  # fmt: skip
     print(f"{info['merge_note']}; exported to {info['export_dir']}", file=sys.stderr)
     print(json.dumps({"export_dir": info["export_dir"], **info["verification"]}, indent=2))
     return 0
@@ -154,8 +155,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve runs and exports over HTTP until SIGINT/SIGTERM."""
     from querytune.serving.api import ServeSettings, serve
 
-    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                             max_queries_per_request=args.max_queries, max_query_chars=args.max_query_chars,
+    settings = ServeSettings(max_batch=args.max_batch, model_batch_size=args.model_batch_size,
+                             max_wait_ms=args.max_wait_ms, max_queries_per_request=args.max_queries, max_query_chars=args.max_query_chars,
                              max_pending=args.max_pending)  # fmt: skip
     serve(args.runs, host=args.host, port=args.port, settings=settings, threads=args.threads)
     return 0
@@ -216,19 +217,26 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="export a run for serving (merged / ONNX, int8), verified against it")
     export.add_argument("run_dir")
     export.add_argument("--format", choices=["merged", "onnx"], default="merged")
-    export.add_argument("--quantize", choices=["int8"], default=None, help="ONNX only: dynamic int8 weights")
+    export.add_argument("--quantize", choices=["int8"], default=None, help="ONNX only: int8 (see --quantization)")
     export.add_argument("--output_dir", "--output-dir", default=None, help="default RUN_DIR/exports/FORMAT[-int8]")
     export.add_argument("--overwrite", action="store_true", help="replace a finished export")
     export.add_argument("--verify_samples", "--verify-samples", type=int, default=256)
     export.add_argument("--verify_file", "--verify-file", help="verify on these queries (one per line)")
     export.add_argument("--opset", type=int, default=18)
     export.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo")
+    export.add_argument("--no_optimize", "--no-optimize", action="store_true",
+                        help="ONNX: skip ONNX Runtime's transformer fusions (kept only where they match the run)")  # fmt: skip
+    export.add_argument("--quantization", default=None,
+                        help="--quantize int8: the setting (see querytune.serving.export.QUANT_SETTINGS; default: the "
+                        "one chosen on CLINC150)")  # fmt: skip
 
     srv = sub.add_parser("serve", help="HTTP JSON API over runs and exports (POST /predict, /metrics)")
     srv.add_argument("runs", nargs="+", help="run or export directories, optionally NAME=DIR")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--max_batch", "--max-batch", type=int, default=64, help="queries per model call")
+    srv.add_argument("--max_batch", "--max-batch", type=int, default=64, help="queries collected per batch")
+    srv.add_argument("--model_batch_size", "--model-batch-size", type=int, default=16,
+                     help="queries per model call: a collected batch is scored in length-sorted model batches")  # fmt: skip
     srv.add_argument("--max_wait_ms", "--max-wait-ms", type=float, default=5.0, help="micro-batching window")
     srv.add_argument("--max_queries", "--max-queries", type=int, default=64, help="queries per request")
     srv.add_argument("--max_query_chars", "--max-query-chars", type=int, default=512)

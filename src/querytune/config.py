@@ -48,10 +48,39 @@ class ModelArguments:
     max_seq_length: int = field(
         default=128, metadata={"help": "Queries longer than this (in tokens) are truncated; no padding to it."}
     )
+    # Knowledge distillation and smaller students (querytune.distill).
+    distill_teacher: str | None = field(
+        default=None,
+        metadata={"help": "A finished run or export (same task and labels) whose logits the model learns from as "
+                  "well as from the labels: intent, text_classification, and intent_slots' intent head."},
+    )  # fmt: skip
+    distill_temperature: float = field(
+        default=2.0, metadata={"help": "Softmax temperature T of the teacher's and the student's logits (> 0)."}
+    )
+    distill_alpha: float = field(
+        default=0.5,
+        metadata={"help": "Weight of the teacher's term: (1 - alpha) * CE(labels) + alpha * T^2 * KL(teacher || "
+                  "student)."},
+    )  # fmt: skip
+    student_layers: list[int] | None = field(
+        default=None,
+        metadata={"help": "Keep only these encoder layers (0-based, increasing) of model_name_or_path, e.g. "
+                  "[0, 2, 4] of a 6-layer teacher (set model_name_or_path to the teacher run)."},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.max_seq_length < 8:
             raise ValueError(f"max_seq_length must be >= 8, got {self.max_seq_length}")
+        if not self.distill_temperature > 0:
+            raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
+        if not 0 <= self.distill_alpha <= 1:
+            raise ValueError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
+        if self.student_layers is not None:
+            layers = list(self.student_layers)
+            if not layers or any(i < 0 for i in layers) or layers != sorted(set(layers)):
+                raise ValueError(
+                    f"student_layers must be distinct layer indices >= 0 in increasing order, got {layers}"
+                )
 
 
 @dataclass

@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field
 
+from querytune.batching import predict_queued
 from querytune.serving.search import register_search
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ DEFAULT_TOP_K = 3
 class ServeSettings:
     """Limits and batching of the API."""
 
-    max_batch: int = 64  # queries per model call
+    max_batch: int = 64  # queries collected per batch
+    model_batch_size: int = 16  # queries per model call: a collected batch is scored in length-sorted model batches
     max_wait_ms: float = 5.0  # how long the first queued request waits for others to join its batch
     max_queries_per_request: int = 64
     max_query_chars: int = 512
@@ -50,7 +52,7 @@ class ServeSettings:
     drain_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queries_per_request", "max_query_chars", "max_pending"):
+        for name in ("max_batch", "model_batch_size", "max_queries_per_request", "max_query_chars", "max_pending"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0:
@@ -120,7 +122,7 @@ class MicroBatcher:
                 candidates=item.candidates)]  # fmt: skip
         top_k = max(item.top_k or self.loaded.task.default_top_k for item in items)
         texts = [q for item in items for q in item.queries]
-        return self.loaded.predict(texts, top_k=top_k, batch_size=len(texts))
+        return predict_queued(self.loaded, texts, top_k, self.settings.model_batch_size)
 
     @property
     def idle(self) -> bool:

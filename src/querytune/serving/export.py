@@ -3,6 +3,12 @@
 querytune export RUN_DIR --format merged          # adapter folded into the base weights (where the method allows)
 querytune export RUN_DIR --format onnx --quantize int8
 
+An ONNX graph goes through transformer fusions (attention, skip + LayerNorm, bias + GELU: `optimize_graph`) before
+any quantization; the fused graph is kept only when it matches the PyTorch run (`--no_optimize` skips the pass).
+`--quantize int8` applies a recorded quantization setting (`QUANT_SETTINGS`; `DEFAULT_QUANT` is still the setting
+used before issue 20, until `benchmarks/quantization.py` has chosen one on CLINC150), and the export marker says which
+fusions and which setting were applied.
+
 An export directory is self-describing: tokenizer, `label_map.json`, the run's resolved config, the model config,
 the weights (`model.safetensors`, an adapter, or `model.onnx`), `verification.json` (the exported model against the
 PyTorch run on a held-out sample) and `querytune_export.json`, written last and atomically, as a run's marker is:
@@ -24,6 +30,9 @@ import logging
 import random
 import shutil
 import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +127,301 @@ def export_onnx(
     return inputs, outputs
 
 
+# --- graph optimisation: ONNX Runtime's transformer fusions, kept only where they match the run
+FUSION_TOLERANCE = 1e-3  # largest logit difference a fused fp32 graph may show against the PyTorch run
+
+
+def graph_ops(path: str | Path) -> dict[str, int]:
+    """Operator counts of an ONNX graph, most frequent first."""
+    import onnx
+
+    return dict(
+        Counter(node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node).most_common()
+    )
+
+
+def optimize_graph(src: Path, dst: Path, model_config: Any, exporter: str = "dynamo") -> dict[str, Any]:
+    """Fuse attention, skip + LayerNorm and bias + GELU in an encoder graph; writes `dst` as one file and returns
+    what was fused. The caller checks the fused graph against the run before serving it.
+
+    Which tool fuses depends on how the graph was exported (measured on all-MiniLM-L6-v2, transformers 5.23,
+    onnxruntime 1.32, onnxscript 0.7.2): on the dynamo graph onnxscript's `optimize_for_ort` fuses all 6 attention
+    blocks (`Attention`), 12 `SkipLayerNormalization` and 6 `BiasGelu`; ONNX Runtime's transformer optimizer
+    (`optimize_model`, model type bert) fuses the LayerNorms and GELUs but no attention, on the dynamo graph and on
+    the TorchScript graph alike (transformers 5's mask code is not the pattern it looks for). So dynamo graphs go
+    through onnxscript, TorchScript graphs through ONNX Runtime's optimizer.
+    """
+    if exporter == "dynamo":
+        import onnx_ir as ir
+        from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+        model, counts = optimize_for_ort(ir.load(str(src)))
+        ir.save(model, str(dst))
+        tool = "onnxscript.rewriter.ort_fusions.optimize_for_ort"
+        fused = {name: n for name, n in counts.items() if n}
+    else:
+        from onnxruntime.transformers.fusion_options import FusionOptions
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        options = FusionOptions("bert")
+        options.use_raw_attention_mask(True)  # a raw 0/1 mask: right- and left-padded batches both work
+        heads, hidden = getattr(model_config, "num_attention_heads", 0), getattr(model_config, "hidden_size", 0)
+        logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)  # its per-fusion INFO lines
+        optimized = optimize_model(str(src), model_type="bert", num_heads=heads, hidden_size=hidden,
+                                   optimization_options=options, opt_level=0)  # fmt: skip
+        optimized.save_model_to_file(str(dst))
+        tool = "onnxruntime.transformers.optimizer (model_type bert)"
+        fused = {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
+    return {"tool": tool, "fused": fused, "ops": graph_ops(dst)}
+
+
+# --- int8 quantization: recorded settings, a per-node sensitivity pass, calibration on training queries
+@dataclass(frozen=True)
+class QuantSetting:
+    """One way to quantize a graph to int8 with ONNX Runtime (`onnxruntime.quantization`)."""
+
+    name: str
+    static: bool = False  # quantize_static, activations calibrated on training queries; else quantize_dynamic
+    quant_format: str = "QOperator"  # QOperator (MatMulInteger / QAttention ...) or QDQ (static only)
+    per_channel: bool = True  # one weight scale per output channel, not one per tensor
+    op_types: tuple[str, ...] = ("MatMul",)  # operator types quantized (Attention: fused attention -> QAttention)
+    exclude_sensitive: int = 0  # leave fp32 the k nodes whose quantization alone moves the logits most
+    reduce_range: bool = False  # 7-bit weights (for CPUs without VNNI, where 8-bit products can saturate)
+    calibrate_method: str = "MinMax"  # static: MinMax, Entropy or Percentile
+    calibration_queries: int = 512  # training queries for calibration and for the sensitivity pass
+    smooth_alpha: float | None = None  # SmoothQuant (`smooth_graph`) with this migration strength before quantizing
+
+    def describe(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+QUANT_SETTINGS: dict[str, QuantSetting] = {
+    s.name: s
+    for s in (
+        # Before issue 20: dynamic, MatMul weights per channel (97.55% top-1 agreement on CLINC150, plain graph).
+        # A fused graph's packed Attention (onnxscript's, with an additive attention bias) has no QAttention form:
+        # its Q, K, V weights stay fp32 whatever the op types.
+        QuantSetting("dynamic-matmul-pc"),
+        QuantSetting("dynamic-matmul-pt", per_channel=False),
+        QuantSetting("dynamic-matmul-pc-reduce", reduce_range=True),
+        *(QuantSetting(f"dynamic-matmul-pc-skip{k}", exclude_sensitive=k) for k in (2, 4, 6, 8)),
+        *(QuantSetting(f"dynamic-matmul-pc-smooth{a}", smooth_alpha=a) for a in (0.5, 0.75)),
+        *(QuantSetting(f"dynamic-matmul-pc-smooth0.5-skip{k}", smooth_alpha=0.5, exclude_sensitive=k) for k in (2, 4)),
+        QuantSetting("static-qdq-matmul-pc", static=True, quant_format="QDQ"),
+        QuantSetting(
+            "static-qdq-matmul-pc-percentile", static=True, quant_format="QDQ", calibrate_method="Percentile"
+        ),
+        QuantSetting("static-qdq-matmul-pc-smooth0.5", static=True, quant_format="QDQ", smooth_alpha=0.5),
+        QuantSetting("static-qoperator-matmul-pc", static=True),
+    )
+}
+# The setting before issue 20; to be replaced by the one benchmarks/quantization.py chooses (not run yet).
+DEFAULT_QUANT = "dynamic-matmul-pc"
+
+
+def quant_setting(name: str) -> QuantSetting:
+    if name not in QUANT_SETTINGS:
+        raise ExportError(f"unknown quantization setting {name!r}; use one of {', '.join(QUANT_SETTINGS)}")
+    return QUANT_SETTINGS[name]
+
+
+def calibration_feeds(run: LoadedRun, texts: list[str], pairs: list[str] | None, input_names: list[str],
+                      batch_size: int = 32, one_shape: bool = False) -> list[dict[str, np.ndarray]]:  # fmt: skip
+    """Model inputs for `texts` in length-sorted batches, as ONNX Runtime takes them (int64 arrays by input name).
+
+    `one_shape` pads every batch to the longest query: histogram calibration (Percentile, Entropy) stacks the
+    activations of all batches, which needs one sequence length.
+    """
+    from querytune.batching import encoded_batches
+
+    max_len = run.config.model.max_seq_length
+    pad_to = None
+    if one_shape:
+        pad_to = max(len(ids) for ids in run.tokenizer(texts, pairs, truncation=True, max_length=max_len)["input_ids"])
+    batches = encoded_batches(run.tokenizer, texts, pairs, batch_size, max_len, return_tensors="np", pad_to=pad_to)
+    return [{name: np.asarray(enc[name], dtype=np.int64) for name in input_names} for _, enc in batches]
+
+
+def _session(path: str | Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_graph(path: str | Path, feeds: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+    """Every output of a graph on each batch of feeds."""
+    session = _session(path)
+    return [session.run(None, feed) for feed in feeds]
+
+
+def _disturbance(reference: list[list[np.ndarray]], other: list[list[np.ndarray]]) -> float:
+    """How far a graph's outputs moved: squared logit error over the reference's variance, summed over outputs."""
+    total = 0.0
+    for k in range(len(reference[0])):
+        ref = np.concatenate([b[k].reshape(-1) for b in reference])
+        got = np.concatenate([b[k].reshape(-1) for b in other])
+        keep = ~np.isnan(ref)
+        total += float(np.mean((ref[keep] - got[keep]) ** 2) / (np.var(ref[keep]) + 1e-12))
+    return total
+
+
+def quantizable_nodes(path: str | Path, op_types: tuple[str, ...], dynamic: bool = True) -> list[str]:
+    """Names of the nodes that int8 quantization with `op_types` would change: those with a constant weight (a
+    MatMul whose B is an initializer, a fused Attention); activation x activation MatMuls stay fp32.
+
+    Dynamic quantization first rewrites every Gemm as MatMul + Add (onnxruntime's `replace_gemm_with_matmul`,
+    named `<gemm>_MatMul`), so with "MatMul" the pooler and the classifier head are quantized too, under that name.
+    """
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    constants = {i.name for i in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    names = []
+    for n in graph.node:
+        if n.op_type == "Gemm" and dynamic and "MatMul" in op_types and n.input[1] in constants:
+            names.append(f"{n.name}_MatMul")
+        elif n.op_type in op_types and (n.op_type != "MatMul" or n.input[1] in constants):
+            names.append(n.name)
+    return names
+
+
+def _quantize(src: Path, dst: Path, setting: QuantSetting, feeds: list[dict[str, np.ndarray]] | None,
+              nodes_to_quantize: list[str] | None = None, nodes_to_exclude: list[str] | None = None) -> None:  # fmt: skip
+    from onnxruntime import quantization as q
+
+    common = {"op_types_to_quantize": list(setting.op_types), "per_channel": setting.per_channel,
+              "reduce_range": setting.reduce_range, "weight_type": q.QuantType.QInt8,
+              "nodes_to_quantize": nodes_to_quantize, "nodes_to_exclude": nodes_to_exclude or []}  # fmt: skip
+    if not setting.static:
+        q.quantize_dynamic(str(src), str(dst), **common)
+        return
+
+    class Reader(q.CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches: Iterator[dict[str, np.ndarray]] = iter(feeds or [])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    q.quantize_static(str(src), str(dst), Reader(), quant_format=getattr(q.QuantFormat, setting.quant_format),
+                      activation_type=q.QuantType.QInt8 if setting.quant_format == "QDQ" else q.QuantType.QUInt8,
+                      calibrate_method=getattr(q.CalibrationMethod, setting.calibrate_method),
+                      extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": setting.quant_format == "QDQ"},
+                      **common)  # fmt: skip
+
+
+def smooth_graph(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], alpha: float = 0.5) -> dict[str, Any]:
+    """SmoothQuant (Xiao et al. 2022): move activation outliers into the weights before int8, exactly in fp32.
+
+    Transformer activations have a few channels far larger than the rest; one scale per activation tensor (dynamic
+    quantization) then leaves the other channels a handful of levels. For every MatMul with a constant weight W the
+    input X is divided per channel by s_k = max|X_k|^alpha / max|W_k|^(1 - alpha) (a `Mul` before it, shared by the
+    MatMuls that read the same X) and W's rows are multiplied by s, so X W is unchanged while X's channels even out.
+    max|X_k| is measured on `feeds` (training queries). onnxruntime offers this only through Intel Neural
+    Compressor 2.x (`extra_options={"SmoothQuant": True}`, static quantization only), whose ONNX module current
+    releases no longer ship; hence this small graph pass. Writes `dst`; returns what it changed.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    weights = {i.name: i for i in graph.initializer}
+    uses = Counter(name for node in graph.node for name in node.input)
+    groups: dict[str, list] = {}  # activation name -> the MatMuls with a constant 2-D weight that read it
+    for node in graph.node:
+        w = node.input[1] if node.op_type == "MatMul" else None
+        if w in weights and len(weights[w].dims) == 2 and uses[w] == 1:  # a shared (tied) weight is left alone
+            groups.setdefault(node.input[0], []).append(node)
+    if not groups:
+        onnx.save(model, str(dst))
+        return {"alpha": alpha, "smoothed_matmuls": 0}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None)
+                              for x in groups if x not in known)  # fmt: skip
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor observable
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = list(groups)
+    amax = {x: np.zeros(0, dtype=np.float32) for x in names}
+    for feed in feeds:
+        for x, value in zip(names, session.run(names, feed), strict=True):
+            peak = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
+            amax[x] = peak if amax[x].size == 0 else np.maximum(amax[x], peak)
+    first_reader = {}
+    for index, node in enumerate(graph.node):
+        for x in node.input:
+            first_reader.setdefault(x, index)
+    inserts = []
+    for n, (x, nodes) in enumerate(groups.items()):
+        w_arrays = [numpy_helper.to_array(weights[node.input[1]]) for node in nodes]
+        wmax = np.max([np.abs(w).max(axis=1) for w in w_arrays], axis=0)
+        scale = np.power(np.maximum(amax[x], 1e-5), alpha) / np.power(np.maximum(wmax, 1e-5), 1 - alpha)
+        scale = np.clip(scale, 1e-4, 1e4).astype(np.float32)
+        for node, w in zip(nodes, w_arrays, strict=True):
+            weights[node.input[1]].CopyFrom(numpy_helper.from_array((w * scale[:, None]).astype(w.dtype),
+                                                                    node.input[1]))  # fmt: skip
+        inverse, smoothed = f"smooth_{n}_inverse", f"smooth_{n}_{x}"
+        graph.initializer.append(numpy_helper.from_array((1.0 / scale).astype(np.float32), inverse))
+        inserts.append((first_reader[x], onnx.helper.make_node("Mul", [x, inverse], [smoothed], name=f"smooth_{n}")))
+        for node in nodes:
+            node.input[0] = smoothed
+    nodes = list(graph.node)
+    for index, mul in sorted(inserts, key=lambda item: -item[0]):  # from the back: earlier indices stay valid
+        nodes.insert(index, mul)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, str(dst))
+    return {"alpha": alpha, "smoothed_matmuls": sum(len(v) for v in groups.values()), "activations": len(groups)}
+
+
+def sensitivity(src: Path, feeds: list[dict[str, np.ndarray]], op_types: tuple[str, ...], work: Path,
+                per_channel: bool = True) -> list[tuple[str, float]]:  # fmt: skip
+    """Each quantizable node's disturbance when it alone is quantized (dynamic int8), most sensitive first."""
+    reference = run_graph(src, feeds)
+    scores = []
+    probe = QuantSetting("probe", op_types=op_types, per_channel=per_channel)
+    for node in quantizable_nodes(src, op_types, dynamic=True):
+        one = work / "sensitivity.onnx"
+        _quantize(src, one, probe, None, nodes_to_quantize=[node])
+        scores.append((node, _disturbance(reference, run_graph(one, feeds))))
+        one.unlink()
+    return sorted(scores, key=lambda item: -item[1])
+
+
+def quantize_graph(src: Path, dst: Path, setting: QuantSetting, calibration: list[dict[str, np.ndarray]],
+                   work: Path, sensitivity_cache: dict | None = None) -> dict[str, Any]:  # fmt: skip
+    """Quantize `src` to int8 into `dst` with `setting`; returns what was done (for the export marker).
+
+    `sensitivity_cache` keeps sensitivity rankings across calls on the same graph and calibration (a search).
+    """
+    record: dict[str, Any] = {"setting": setting.describe()}
+    excluded: list[str] = []
+    if setting.smooth_alpha is not None:
+        smoothed = work / f"smoothed-{setting.smooth_alpha}.onnx"
+        record["smoothing"] = smooth_graph(src, smoothed, calibration, setting.smooth_alpha)
+        src = smoothed
+    if setting.exclude_sensitive:
+        key = (str(src), setting.op_types, setting.per_channel)
+        cache = sensitivity_cache if sensitivity_cache is not None else {}
+        if key not in cache:
+            cache[key] = sensitivity(src, calibration, setting.op_types, work, setting.per_channel)
+        ranked = cache[key]
+        excluded = [node for node, _ in ranked[: setting.exclude_sensitive]]
+        record["sensitivity"] = [
+            {"node": n, "disturbance": round(d, 6)} for n, d in ranked[: 2 * setting.exclude_sensitive]
+        ]
+    _quantize(src, dst, setting, calibration, nodes_to_exclude=excluded)
+    record |= {"excluded_nodes": excluded, "ops": graph_ops(dst)}
+    return record
+
+
 # --- verification
 def held_out_sample(loaded: LoadedRun, n: int, seed: int = 0) -> tuple[list[str], list[str] | None, str]:
     """Up to `n` queries (and text pairs) from the run's test split, else its validation split.
@@ -175,6 +479,67 @@ def compare_outputs(
     return result
 
 
+def training_sample(run: LoadedRun, n: int, seed: int = 0) -> tuple[list[str], list[str] | None]:
+    """Up to `n` queries (and text pairs) of the run's train split: calibration never sees the held-out queries."""
+    texts, pairs = run.task.verification_texts(run, run.config.data.train_split)
+    keep = sorted(random.Random(seed).sample(range(len(texts)), min(n, len(texts))))
+    return [texts[i] for i in keep], [pairs[i] for i in keep] if pairs else None
+
+
+def graph_outputs(run: LoadedRun, graph: Path, texts: list[str], pairs: list[str] | None) -> dict[str, Any]:
+    """A task's verification outputs with `graph` in place of the run's model (an intermediate graph to check)."""
+    from querytune.inference import OnnxModel
+
+    probe = copy.copy(run)  # same tokenizer, task and config; only the model differs
+    probe.model = OnnxModel(graph, threads=torch.get_num_threads())
+    return probe.task.verification_outputs(probe, texts, pairs)
+
+
+def finish_graph(run: LoadedRun, raw: Path, dst: Path, work: Path, model_config: Any, input_names: list[str],
+                 optimize: bool, setting: QuantSetting | None, check: tuple, exporter: str = "dynamo") -> dict[str, Any]:  # fmt: skip
+    """From the exported graph to the served one (`dst`, one file): fusions if they match the run, then int8.
+
+    `check` is (texts, pairs, the run's outputs on them): the verification sample. Returns the marker's record of
+    both steps.
+    """
+    import onnx
+
+    texts, pairs, reference = check
+    record: dict[str, Any] = {}
+    graph = raw
+    if optimize:
+        fused = work / "fused.onnx"
+        try:
+            result = optimize_graph(raw, fused, model_config, exporter)
+        except Exception as err:  # noqa: BLE001  (a pattern the optimizer cannot handle: serve the plain graph)
+            record["optimizer"] = {"applied": False, "reason": f"the optimizer failed: {type(err).__name__}: {err}"}
+        else:
+            groups = texts if pairs is not None else None
+            comparison = compare_outputs(reference, graph_outputs(run, fused, texts, pairs), groups=groups)
+            worst = max(c["max_abs_logit_diff"] for c in comparison.values())
+            agree = min(c["top1_agreement"] for c in comparison.values())
+            applied = agree == 1.0 and worst <= FUSION_TOLERANCE
+            record["optimizer"] = {"applied": applied, **result, "check": {"max_abs_logit_diff": worst,
+                                   "top1_agreement": agree, "tolerance": FUSION_TOLERANCE}}  # fmt: skip
+            if applied:
+                graph = fused
+            else:
+                record["optimizer"]["reason"] = (f"the fused graph differs from the run (largest logit difference "
+                                                 f"{worst:.2g}, agreement {agree:.4f}): serving the plain graph")  # fmt: skip
+                logger.warning("export: %s", record["optimizer"]["reason"])
+    else:
+        record["optimizer"] = {"applied": False, "reason": "--no_optimize"}
+    if setting is None:
+        onnx.save(onnx.load(str(graph)), str(dst))  # one file, weights inside
+        return record
+    calibration_texts, calibration_pairs = training_sample(run, setting.calibration_queries)
+    feeds = calibration_feeds(run, calibration_texts, calibration_pairs, input_names,
+                              one_shape=setting.static and setting.calibrate_method != "MinMax")  # fmt: skip
+    record["quantization"] = quantize_graph(graph, dst, setting, feeds, work)
+    record["quantization"]["calibration"] = f"{len(calibration_texts)} queries of the train split"
+    return record
+
+
 # --- the export
 def _prepare(out: Path, source: Path, overwrite: bool) -> None:
     if out.resolve() == source.resolve() or (out / MARKER).exists():
@@ -201,8 +566,14 @@ def export_run(
     verify_file: str | Path | None = None,
     opset: int = 18,
     exporter: str = "dynamo",
+    optimize: bool = True,
+    quantization: str | None = None,
 ) -> dict[str, Any]:
-    """Export a finished run, verify it against the PyTorch run, and mark the export finished; returns the marker."""
+    """Export a finished run, verify it against the PyTorch run, and mark the export finished; returns the marker.
+
+    ONNX: `optimize` runs the transformer optimizer (kept where the fused graph matches the run); `quantization`
+    names the int8 setting (`QUANT_SETTINGS`, default `DEFAULT_QUANT`) of `quantize="int8"`.
+    """
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     if quantize is not None and quantize not in QUANTIZE:
@@ -211,6 +582,9 @@ def export_run(
         raise ExportError("--quantize int8 applies to --format onnx (ONNX Runtime dynamic quantization)")
     if verify_samples < 1:
         raise ExportError("--verify_samples must be at least 1")
+    if quantization is not None and quantize is None:
+        raise ExportError("--quantization names an int8 setting: it needs --quantize int8")
+    setting = quant_setting(quantization or DEFAULT_QUANT) if quantize == "int8" else None
     start = time.perf_counter()
     run_dir = Path(run_dir)
     reference = LoadedRun(run_dir, merge=False, device="cpu")  # the run exactly as trained: the reference
@@ -234,6 +608,14 @@ def export_run(
         texts, pairs, split = held_out_sample(reference, verify_samples)
         sample_source = f"{split} split of {reference.config.data.dataset_name or reference.config.data.test_file}"
     _prepare(out, run_dir, overwrite)
+
+    cached: list[dict[str, Any]] = []
+
+    def reference_outputs() -> dict[str, Any]:
+        """The PyTorch run's outputs on the verification sample (computed once)."""
+        if not cached:
+            cached.append(reference.task.verification_outputs(reference, texts, pairs))
+        return cached[0]
 
     method, spec = reference.method, get_method(reference.method)
     model = reference.model
@@ -263,23 +645,18 @@ def export_run(
             inner.config.save_pretrained(out)
     else:
         inner.config.save_pretrained(out)
-        target = out / (ONNX_FILE if quantize is None else "model_fp32.onnx")
+        work = out / ".build"  # intermediate graphs, removed once the served graph is written
+        work.mkdir()
+        raw = work / "exported.onnx"
         try:
-            inputs, outputs = export_onnx(model, reference.tokenizer, target, pairs is not None, opset, exporter)
+            inputs, outputs = export_onnx(model, reference.tokenizer, raw, pairs is not None, opset, exporter)
         except ExportError:
             raise
         except Exception as err:  # noqa: BLE001  (torch.onnx raises many types; say which run and method failed)
             raise ExportError(f"ONNX export of {run_dir} (method {method}) failed with {exporter}: {err}") from err
-        if quantize == "int8":
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            # Weights of the MatMuls only, one scale per output channel: on the CLINC150 MiniLM run this agreed with
-            # fp32 on 97% of test queries against 94.5% for the defaults (which also quantize Gather/embeddings and
-            # use one scale per tensor). Heads (Gemm) and activation x activation MatMuls stay fp32.
-            quantize_dynamic(str(target), str(out / ONNX_FILE), weight_type=QuantType.QInt8, per_channel=True,
-                             op_types_to_quantize=["MatMul"])  # fmt: skip
-            target.unlink()
-            target.with_suffix(".onnx.data").unlink(missing_ok=True)
+        graph_record = finish_graph(reference, raw, out / ONNX_FILE, work, inner.config, inputs, optimize, setting,
+                                    (texts, pairs, reference_outputs()), exporter)  # fmt: skip
+        shutil.rmtree(work)
 
     info: dict[str, Any] = {
         "status": "finished",
@@ -297,10 +674,10 @@ def export_run(
     }
     if fmt == "onnx":
         info |= {"onnx_file": ONNX_FILE, "inputs": inputs, "outputs": outputs, "opset": opset, "exporter": exporter,
-                 "torch_version": torch.__version__}  # fmt: skip
+                 "torch_version": torch.__version__, **graph_record}  # fmt: skip
     # Verify the export as it will be served, before it is marked finished.
     exported = LoadedRun(out, device="cpu", export_info=info)
-    comparison = compare_outputs(reference.task.verification_outputs(reference, texts, pairs),
+    comparison = compare_outputs(reference_outputs(),
                                  exported.task.verification_outputs(exported, texts, pairs),
                                  groups=texts if pairs is not None else None)  # fmt: skip
     verification = {"sample": sample_source, "num_queries": len(texts), "reference": "PyTorch run, unmerged",

@@ -28,6 +28,29 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int
         yield order[start : start + batch_size]
 
 
+def check_head_labels(name_or_path: str, id2label: dict[int, str] | None) -> None:
+    """Refuse a local checkpoint whose trained head has this task's labels in another order.
+
+    Starting from a fine-tuned run (a student from its teacher, `model_name_or_path: runs/...`) reuses its head, row
+    for row; `id2label` only renames the rows, so a different label order would silently misalign every class.
+    """
+    config_file = Path(name_or_path) / "config.json"
+    if not id2label or not config_file.is_file():
+        return
+    import json
+
+    saved = json.loads(config_file.read_text()).get("id2label") or {}
+    theirs = [saved[k] for k in sorted(saved, key=int)]
+    ours = [id2label[i] for i in sorted(id2label)]
+    if sorted(theirs) == sorted(ours) and theirs != ours:
+        first = next(i for i, (a, b) in enumerate(zip(theirs, ours, strict=True)) if a != b)
+        raise ValueError(
+            f"model_name_or_path {name_or_path}: its classification head was trained on the same labels in another "
+            f"order (row {first} is {theirs[first]!r} there, {ours[first]!r} here); load the data so that the "
+            "labels come out in the checkpoint's order, or start from its base model"
+        )
+
+
 class Task(ABC):
     """One kind of query data: loading, preprocessing, model, trainer, metrics, reports, prediction and export."""
 
@@ -50,6 +73,11 @@ class Task(ABC):
     # Inputs besides the queries that `predict` takes (`--candidates`, `--catalogue`, a request's "candidates").
     request_inputs: ClassVar[tuple[str, ...]] = ()
     default_top_k: ClassVar[int] = 3  # `predict` without --top_k
+    # Knowledge distillation (`distill_teacher`, querytune.distill): the output whose teacher logits the student
+    # learns from (a name of `verification_outputs`), or None where the task does not support it.
+    distill_output: ClassVar[str | None] = None
+    # `student_layers` applies: the task builds its model with `Task.load_model` (False where it loads its own way).
+    layer_dropping: ClassVar[bool] = True
 
     @classmethod
     def card_info(cls, label_info: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
@@ -66,11 +94,19 @@ class Task(ABC):
                 f"method {method.name!r} does not support task {config.data.task!r} (it supports "
                 f"{sorted(method.tasks or [])})"
             )
+        if config.model.distill_teacher and self.distill_output is None:
+            raise ValueError(f"task {config.data.task!r} does not support distill_teacher")
+        if config.model.student_layers and not self.layer_dropping:
+            raise ValueError(f"task {config.data.task!r} does not support student_layers")
 
     # --- data
     @abstractmethod
     def load_data(self) -> DatasetDict:
         """train / validation (and test) splits with a `labels` column; sets the label map."""
+
+    def distill_labels(self) -> list[str]:
+        """The class names of `distill_output`, in the order of its logits (to line a teacher's up with them)."""
+        return self.labels
 
     def label_info(self) -> dict[str, Any]:
         """What is saved as label_map.json and restored by `set_label_info` when a run is loaded."""
@@ -97,9 +133,16 @@ class Task(ABC):
         cfg = self.config.model
         if name_or_path is not None:
             return load_pretrained(self.model_class, name_or_path, **self.model_kwargs())
-        return load_pretrained(
-            self.model_class, cfg.model_name_or_path, cfg.model_revision, cfg.trust_remote_code, **self.model_kwargs()
+        kwargs = self.model_kwargs()
+        check_head_labels(cfg.model_name_or_path, kwargs.get("id2label"))
+        model, new_modules = load_pretrained(
+            self.model_class, cfg.model_name_or_path, cfg.model_revision, cfg.trust_remote_code, **kwargs
         )
+        if cfg.student_layers:  # a saved run already has only the kept layers: dropped here, at the base only
+            from querytune.distill import keep_layers
+
+            keep_layers(model, cfg.student_layers)
+        return model, new_modules
 
     def trainer_kwargs(self, tokenizer) -> dict[str, Any]:
         """Extra keyword arguments for `trainer_class` beyond the ones every task passes."""

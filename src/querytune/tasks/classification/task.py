@@ -12,10 +12,12 @@ import peft
 import torch
 from datasets import DatasetDict
 from sklearn.metrics import classification_report, confusion_matrix
-from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, EvalPrediction
+from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, EvalPrediction, Trainer
 
+from querytune import distill
+from querytune.batching import encoded_batches
 from querytune.metrics import load_metric
-from querytune.tasks.base import Task, length_batches
+from querytune.tasks.base import Task
 from querytune.tasks.classification import oos
 from querytune.tasks.classification.data import load_classification_splits, load_eval_split
 
@@ -29,6 +31,7 @@ class ClassificationTask(Task):
     peft_task_type = peft.TaskType.SEQ_CLS
     # The metric that decides the best checkpoint when the experiment does not say.
     default_metric = "accuracy"
+    distill_output = "logits"  # distill_teacher: the student learns from the teacher's logits
     card_tags = ("intent-classification",)
     card_metrics = {
         "accuracy": ("accuracy", "Accuracy", 100.0),
@@ -84,12 +87,22 @@ class ClassificationTask(Task):
         if tokenizer.model_max_length and tokenizer.model_max_length < max_len:
             max_len = tokenizer.model_max_length
 
-        def encode(batch: dict[str, list]) -> dict[str, list]:
+        def texts_of(batch: dict[str, list]) -> tuple[list[str], list[str] | None]:
             pair = batch[data.text_pair_column] if data.text_pair_column else None
-            texts = [t if t is not None else "" for t in batch[data.text_column]]
-            out = tokenizer(texts, pair, truncation=True, max_length=max_len, padding=padding)
+            return [t if t is not None else "" for t in batch[data.text_column]], pair
+
+        def encode(batch: dict[str, list]) -> dict[str, list]:
+            out = tokenizer(*texts_of(batch), truncation=True, max_length=max_len, padding=padding)
             out["labels"] = batch["labels"]
+            if distill.TEACHER_COLUMN in batch:
+                out[distill.TEACHER_COLUMN] = batch[distill.TEACHER_COLUMN]
             return out
+
+        if self.config.model.distill_teacher:  # the teacher's logits, once, as a column of the train split
+            splits = DatasetDict(splits)
+            splits["train"] = distill.add_teacher_logits(splits["train"], self.config.model.distill_teacher,
+                                                         self.distill_output, lambda task: task.distill_labels(),
+                                                         self.labels, texts_of)  # fmt: skip
 
         return DatasetDict(
             {
@@ -103,6 +116,13 @@ class ClassificationTask(Task):
                 for name, ds in splits.items()
             }
         )
+
+    @property
+    def trainer_class(self):
+        return distill.DistillationTrainer if self.config.model.distill_teacher else Trainer
+
+    def trainer_kwargs(self, tokenizer) -> dict[str, Any]:
+        return distill.trainer_kwargs(self.config.model) if self.config.model.distill_teacher else {}
 
     def collator(self, tokenizer):
         mixed = self.config.training.fp16 or self.config.training.bf16
@@ -196,19 +216,10 @@ class ClassificationTask(Task):
     # --- inference on a loaded run
     @torch.inference_mode()
     def logits(self, run, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64) -> np.ndarray:
-        """Logits for many queries; batches are formed by length so little time goes to padding."""
-        max_len = self.config.model.max_seq_length
+        """Logits for many queries; batches are formed by token count so little time goes to padding."""
         out: list[np.ndarray | None] = [None] * len(texts)
-        for idx in length_batches([len(t) for t in texts], batch_size):
-            enc = run.tokenizer(
-                [texts[i] for i in idx],
-                [pairs[i] for i in idx] if pairs else None,
-                truncation=True,
-                max_length=max_len,
-                padding=True,
-                return_tensors="pt",
-            ).to(run.device)
-            logits = run.model(**enc).logits.float().cpu().numpy()
+        for idx, enc in encoded_batches(run.tokenizer, texts, pairs, batch_size, self.config.model.max_seq_length):
+            logits = run.model(**enc.to(run.device)).logits.float().cpu().numpy()
             for row, i in enumerate(idx):
                 out[i] = logits[row]
         return np.stack(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)

@@ -79,6 +79,7 @@ class RewriteTask(Task):
         "exact_match": ("exact_match", "Exact match", 1.0),
     }
     report_columns = [("rougeL", "ROUGE-L", 1.0), ("bleu", "BLEU", 1.0), ("exact_match", "rewrite EM %", 1.0)]
+    layer_dropping = False  # load_model below builds (warm-start) encoder-decoders its own way: no student_layers
 
     def __init__(self, config) -> None:
         super().__init__(config)

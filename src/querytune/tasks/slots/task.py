@@ -18,8 +18,9 @@ import peft
 import torch
 from datasets import DatasetDict
 from sklearn.metrics import classification_report, confusion_matrix
-from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification, EvalPrediction
+from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification, EvalPrediction, Trainer
 
+from querytune import distill
 from querytune.config import ExperimentConfig
 from querytune.methods.registry import get_method
 from querytune.metrics import load_metric
@@ -189,8 +190,16 @@ class SlotsTask(Task):
                 out["_lost"].append(lost_words(first_token_positions(ids, len(tags)), tags, truncated))
             if self.with_intent:
                 out["intent_labels"] = batch["intent_labels"]
+            if distill.TEACHER_COLUMN in batch:
+                out[distill.TEACHER_COLUMN] = batch[distill.TEACHER_COLUMN]
             return out
 
+        if self.distill_output and self.config.model.distill_teacher:  # joint task: the intent head's teacher logits
+            splits = DatasetDict(splits)
+            splits["train"] = distill.add_teacher_logits(splits["train"], self.config.model.distill_teacher,
+                                                         self.distill_output, lambda task: task.distill_labels(),
+                                                         self.distill_labels(),
+                                                         lambda batch: ([" ".join(w) for w in batch["words"]], None))  # fmt: skip
         encoded = {}
         for name, ds in splits.items():
             ds = ds.map(
@@ -471,3 +480,18 @@ class IntentSlotsTask(SlotsTask):
 
     def model_kwargs(self) -> dict[str, Any]:
         return {**super().model_kwargs(), "intent_labels": self.intents, "prompt_tokens": prompt_length(self.config)}
+
+    # distill_teacher: the intent head learns from a joint teacher's intent logits; the slot loss stays as it is.
+    distill_output = "intent_logits"
+
+    def distill_labels(self) -> list[str]:
+        return list(self.intents or [])
+
+    @property
+    def trainer_class(self):
+        return distill.DistillationTrainer if self.config.model.distill_teacher else Trainer
+
+    def trainer_kwargs(self, tokenizer) -> dict[str, Any]:
+        if not self.config.model.distill_teacher:
+            return super().trainer_kwargs(tokenizer)
+        return distill.trainer_kwargs(self.config.model, logits_key="intent_logits", labels_key="intent_labels")
