@@ -109,6 +109,15 @@ def oos_rows(run_dir: Path) -> list[dict[str, Any]]:
                 {"detector": detector, "rule": rule, "val": det.chosen_on, **task.scored(test_logits, test_gold)}
             )
             task.oos = None
+    if data.oos_detector not in (None, "none"):  # the detector and rule the experiment file itself configures
+        det = oos.choose_threshold(val_logits, val_gold, data.oos_detector, task.oos_id, data.oos_threshold_rule,
+                                   data.oos_max_in_scope_drop, data.oos_in_scope_recall)  # fmt: skip
+        task.oos = det
+        setting = {"in_scope_drop": data.oos_max_in_scope_drop, "in_scope_recall": data.oos_in_scope_recall}
+        rule = f"{data.oos_threshold_rule} {setting.get(data.oos_threshold_rule, '')} (the experiment file's)"
+        rows.append({"detector": data.oos_detector, "rule": rule, "val": det.chosen_on,
+                     **task.scored(test_logits, test_gold)})  # fmt: skip
+        task.oos = None
     return rows
 
 
