@@ -41,7 +41,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     candidates = _read_candidates(args)
     queries = _read_queries(args)
-    loaded = LoadedRun(args.run_dir, merge=not args.no_merge)
+    loaded = LoadedRun(args.run_dir, merge=not args.no_merge, allow_status=args.allow_status)
     given = {name: value for name, value in (("candidates", candidates), ("catalogue", args.catalogue)) if value}
     unused = [name for name in given if name not in loaded.task.request_inputs]
     if unused:
@@ -74,7 +74,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     from querytune.inference import LoadedRun
     from querytune.tasks import arguments_of
 
-    loaded = LoadedRun(args.run_dir, merge=not args.no_merge)
+    loaded = LoadedRun(args.run_dir, merge=not args.no_merge, allow_status=args.allow_status)
     task_args = arguments_of(loaded.config.data.task)
     data_keys = {f.name for cls in (DataArguments, task_args) if cls for f in dataclasses.fields(cls)}
     for tok in overrides:
@@ -100,16 +100,18 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from querytune.hub import push_run
+    from querytune.hub import PUSH_STATUSES, push_run
 
-    print(push_run(args.run_dir, args.repo_id, token=args.token, private=args.private or None))
+    allow = ",".join([*PUSH_STATUSES, args.allow_status])  # a failed push is what `querytune push` retries
+    print(push_run(args.run_dir, args.repo_id, token=args.token, private=args.private or None, allow_status=allow))
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
     from querytune.sweep import run_sweep
 
-    summary = run_sweep(args.sweep_file, args.trials, args.output_dir, seed=args.seed, extra_args=overrides)
+    summary = run_sweep(args.sweep_file, args.trials, args.output_dir, seed=args.seed, extra_args=overrides,
+                        resume=args.resume)  # fmt: skip
     best = summary["best"]
     print(json.dumps({"best": best and {k: best[k] for k in ("trial", "value", "params", "run_dir")}}, indent=2))
     return 0
@@ -144,7 +146,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     info = export_run(args.run_dir, fmt=args.format, quantize=args.quantize, output_dir=args.output_dir,
                       overwrite=args.overwrite, verify_samples=args.verify_samples, verify_file=args.verify_file,
-                      opset=args.opset, exporter=args.exporter)  # fmt: skip
+                      opset=args.opset, exporter=args.exporter, allow_status=args.allow_status)  # fmt: skip
     print(f"{info['merge_note']}; exported to {info['export_dir']}", file=sys.stderr)
     print(json.dumps({"export_dir": info["export_dir"], **info["verification"]}, indent=2))
     return 0
@@ -157,8 +159,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                              max_queries_per_request=args.max_queries, max_query_chars=args.max_query_chars,
                              max_pending=args.max_pending)  # fmt: skip
-    serve(args.runs, host=args.host, port=args.port, settings=settings, threads=args.threads)
+    serve(args.runs, host=args.host, port=args.port, settings=settings, threads=args.threads,
+          allow_status=args.allow_status)  # fmt: skip
     return 0
+
+
+def _allow_status(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow_status",
+        "--allow-status",
+        default="finished",
+        help="load a run that did not finish cleanly too: pruned (stopped by a sweep's pruner), "
+        "failed_after_training (W&B or the Hub push failed after training), or any",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,17 +201,20 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--candidates", nargs="+", help="rerank: the documents to rank for the query")
     predict.add_argument("--candidates_file", "--candidates-file", help="rerank: one document per line ('-': stdin)")
     predict.add_argument("--catalogue", help="retrieval: a catalogue file to search (default: the run's dataset)")
+    _allow_status(predict)
 
     ev = sub.add_parser("eval", help="re-score a finished run on a dataset split (data keys as flags)")
     ev.add_argument("run_dir")
     ev.add_argument("--split", default="test", help="the split to score (default test)")
     ev.add_argument("--batch_size", "--batch-size", type=int, default=64)
     ev.add_argument("--no_merge", "--no-merge", action="store_true")
+    _allow_status(ev)
     sweep = sub.add_parser("sweep", help="run a W&B sweep file offline with Optuna (extra flags go to every trial)")
     sweep.add_argument("sweep_file")
     sweep.add_argument("--trials", type=int, default=8)
     sweep.add_argument("--sweep_dir", "--sweep-dir", dest="output_dir", default=None, help="default runs/sweep-<name>")
     sweep.add_argument("--sweep_seed", "--sweep-seed", dest="seed", type=int, default=0, help="sampler seed")
+    sweep.add_argument("--resume", action="store_true", help="continue the sweep in --sweep_dir")
 
     report = sub.add_parser("report", help="compare finished runs: Markdown table + PNG chart")
     report.add_argument("runs", nargs="+")
@@ -212,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--repo-id", "--repo_id", dest="repo_id", required=True, help="ORG/NAME on the Hub")
     push.add_argument("--private", action="store_true")
     push.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the stored login)")
+    _allow_status(push)
 
     export = sub.add_parser("export", help="export a run for serving (merged / ONNX, int8), verified against it")
     export.add_argument("run_dir")
@@ -223,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--verify_file", "--verify-file", help="verify on these queries (one per line)")
     export.add_argument("--opset", type=int, default=18)
     export.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo")
+    _allow_status(export)
 
     srv = sub.add_parser("serve", help="HTTP JSON API over runs and exports (POST /predict, /metrics)")
     srv.add_argument("runs", nargs="+", help="run or export directories, optionally NAME=DIR")
@@ -234,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max_query_chars", "--max-query-chars", type=int, default=512)
     srv.add_argument("--max_pending", "--max-pending", type=int, default=256, help="beyond this: 503")
     srv.add_argument("--threads", type=int, default=None, help="torch / ONNX Runtime threads per model")
+    _allow_status(srv)
     return parser
 
 

@@ -201,6 +201,7 @@ def export_run(
     verify_file: str | Path | None = None,
     opset: int = 18,
     exporter: str = "dynamo",
+    allow_status: tuple[str, ...] | str | None = ("finished",),
 ) -> dict[str, Any]:
     """Export a finished run, verify it against the PyTorch run, and mark the export finished; returns the marker."""
     if fmt not in FORMATS:
@@ -213,7 +214,8 @@ def export_run(
         raise ExportError("--verify_samples must be at least 1")
     start = time.perf_counter()
     run_dir = Path(run_dir)
-    reference = LoadedRun(run_dir, merge=False, device="cpu")  # the run exactly as trained: the reference
+    # the run exactly as trained: the reference
+    reference = LoadedRun(run_dir, merge=False, device="cpu", allow_status=allow_status)
     if is_export(run_dir):
         raise ExportError(f"{run_dir} is already an export; export its run directory instead")
     reason = reference.task.export_unsupported()
