@@ -124,7 +124,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     rows = []
     for run_dir in args.runs:
         try:
-            rows.append(run_row(run_dir, metric_prefix=args.split))
+            rows.append(run_row(run_dir, metric_prefix=args.split, allow_status=args.allow_status))
         except RunError as err:
             print(f"querytune: skipping {run_dir}: {err}", file=sys.stderr)
     if not rows:
@@ -222,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--png", help="write the comparison chart here")
     report.add_argument("--split", default="test", choices=["test", "eval"], help="metrics of this split")
     report.add_argument("--title", default="querytune run comparison")
+    _allow_status(report)
 
     push = sub.add_parser("push", help="upload a finished run (adapter, head, label map, card) to the Hub")
     push.add_argument("run_dir")
