@@ -46,7 +46,8 @@ def test_two_agent_trials_back_to_back_each_in_its_own_run(tmp_path, tiny_bert, 
     for key, value in {"WANDB_SWEEP_ID": sweep_id, "WANDB_PROJECT": spec["project"], "WANDB_DIR": str(wandb_dir),
                        "WANDB_MODE": "offline", "WANDB_SILENT": "true", "ACCELERATE_USE_CPU": "1",
                        "WANDB_RUN_ID": "", "WANDB_SWEEP_PARAM_PATH": "",
-                       "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}.items():  # fmt: skip
+                       "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+                       }.items():  # fmt: skip
         monkeypatch.setenv(key, value)  # restored after the test, including what the agent sets
     monkeypatch.chdir(REPO)  # the sweep command names accelerate_configs/ relative to the repository
     agent = Agent(api=None, queue=None, sweep_id=sweep_id)

@@ -75,6 +75,8 @@ TRAIN = textwrap.dedent("""
         out = run(load_config(job["experiment"])).output_dir
         loaded = LoadedRun(out, merge=False)
         enc = loaded.tokenizer(job["texts"], job["pairs"], padding=True, return_tensors="pt")
+        if loaded.model.config.is_encoder_decoder:  # one decoder step from the start token scores the first token
+            enc["decoder_input_ids"] = torch.full((len(job["texts"]), 1), loaded.model.config.decoder_start_token_id)
         with torch.inference_mode():
             output = loaded.model(**enc)
         logits = output.logits if getattr(output, "logits", None) is not None else output.last_hidden_state
@@ -99,6 +101,8 @@ LOAD = textwrap.dedent("""
         model, tokenizer = scope["model"], scope["tokenizer"]
         model.eval()
         enc = tokenizer(job["texts"], job["pairs"], padding=True, return_tensors="pt")
+        if model.config.is_encoder_decoder:
+            enc["decoder_input_ids"] = torch.full((len(job["texts"]), 1), model.config.decoder_start_token_id)
         with torch.inference_mode():
             output = model(**enc)
         logits = output.logits if getattr(output, "logits", None) is not None else output.last_hidden_state
@@ -132,7 +136,8 @@ def portable(tmp_path_factory, tiny_models, tiny_data, slot_bert, slot_data, ran
     hf_home = hub_cache(tmp / "hf_home", {"querytune-tests/tiny-bert": tiny_models["bert"],
                                           "querytune-tests/slot-bert": slot_bert,
                                           "querytune-tests/ranking-bert": ranking_bert,
-                                          "querytune-tests/tiny-llama": tiny_gen_models["llama"]})  # fmt: skip
+                                          "querytune-tests/tiny-llama": tiny_gen_models["llama"],
+                                          "querytune-tests/tiny-t5": tiny_gen_models["t5"]})  # fmt: skip
     jobs: dict[str, dict] = {}
 
     def add(name, texts, pairs=None, predict=False, model="querytune-tests/tiny-bert", data=tiny_data, **keys):
@@ -150,9 +155,11 @@ def portable(tmp_path_factory, tiny_models, tiny_data, slot_bert, slot_data, ran
         task="rerank", method="lora", **ranking)  # fmt: skip
     add("retrieval-lora", PAIRS[1], model="querytune-tests/ranking-bert", data=ranking_data, task="retrieval",
         method="lora", **ranking)  # fmt: skip
-    add("rewrite-lora", REWRITE_TEXTS, model="querytune-tests/tiny-llama", data=conv_data, task="rewrite",
-        method="lora", max_seq_length=48, rewrite_group_column="conv", rewrite_max_new_tokens=6,
-        per_device_train_batch_size=4, per_device_eval_batch_size=8)  # fmt: skip
+    rewrite = {"task": "rewrite", "method": "lora", "max_seq_length": 48, "rewrite_group_column": "conv",
+               "rewrite_max_new_tokens": 6, "per_device_train_batch_size": 4,
+               "per_device_eval_batch_size": 8}  # fmt: skip
+    add("rewrite-lora", REWRITE_TEXTS, model="querytune-tests/tiny-llama", data=conv_data, **rewrite)
+    add("rewrite-t5-lora", REWRITE_TEXTS, model="querytune-tests/tiny-t5", data=conv_data, **rewrite)
 
     trained = _run_script(TRAIN, jobs, tmp, "train", env_for(hf_home, with_querytune=True))
     pushed = {}
@@ -183,7 +190,7 @@ def tmp_root(trained: dict) -> Path:
 
 
 RUNS = [*(f"intent-{m}" for m in (*PEFT_METHODS, "full", "adapter")), "slots-lora", "rerank-lora", "retrieval-lora",
-        "rewrite-lora"]  # fmt: skip
+        "rewrite-lora", "rewrite-t5-lora"]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -223,9 +230,10 @@ def test_adapter_config_names_the_hub_id_and_the_card_fits_the_task(portable):
             base = json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"]
             assert base.startswith("querytune-tests/"), "a Hub id, not a path of the training machine"
             assert (run / "config.json").is_file()
-    assert {yaml.safe_load((Path(trained[n]["run"]) / "README.md").read_text().split("---")[1])["pipeline_tag"]
-            for n in ("intent-lora", "slots-lora", "rerank-lora", "retrieval-lora", "rewrite-lora")} == {
-        "text-classification", "token-classification", "text-ranking", "sentence-similarity", "text-generation"}  # fmt: skip
+    one_per_task = ("intent-lora", "slots-lora", "rerank-lora", "retrieval-lora", "rewrite-lora", "rewrite-t5-lora")
+    assert [yaml.safe_load((Path(trained[n]["run"]) / "README.md").read_text().split("---")[1])["pipeline_tag"]
+            for n in one_per_task] == ["text-classification", "token-classification", "text-ranking",
+                                       "sentence-similarity", "text-generation", "text2text-generation"]  # fmt: skip
     for name in RUNS:  # the pushed card's snippet loads by the Hub id it was pushed to, not by a local path
         assert f'.from_pretrained("{trained[name]["repo_id"]}"' in plain[name]["snippet"]
         assert str(tmp_root(trained)) not in plain[name]["snippet"]
