@@ -1,8 +1,10 @@
-"""W&B: offline without a key, one run per training, metrics and reports readable back from disk."""
+"""W&B: offline without a key, one run per training, metrics and reports readable back from disk, and an
+unreachable server that costs a short timeout and one notice, never the training."""
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 
 import pytest
@@ -53,3 +55,28 @@ def test_two_trainings_make_two_offline_runs_with_metrics(tmp_path, tiny_bert, t
         assert summary["report/test_report"]["nrows"] == 4 + 2  # 4 intents + macro/weighted averages
         assert "plots/test_confusion" in summary
         assert "lora_r" in json.dumps(record["config"]), "the full querytune config is logged"
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_wandb_server_falls_back_to_offline_and_trains_on(tmp_path, tiny_bert, tiny_data,
+                                                                      wandb_offline_env, monkeypatch, capsys):  # fmt: skip
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef" * 2 + "01234567")  # a key, so W&B tries to go online
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "2")
+    exp = tiny_experiment(tmp_path, tiny_bert, tiny_data, method="lora", report_to="wandb", run_name="outage")
+    result = run(load_config(exp))
+    out = capsys.readouterr().out
+    assert out.count("W&B did not answer") == 1 and "training goes on with W&B offline" in out
+    assert "no W&B API key" not in out
+    (offline,) = wandb_offline_env.glob("offline-run-*")
+    record = read_offline_run(offline)
+    assert record["name"] == "outage" and record["summary"]["test_accuracy"] == pytest.approx(
+        result.metrics["test_accuracy"]
+    )
+    assert json.loads((tmp_path / "run" / "querytune_run.json").read_text())["status"] == "finished"

@@ -41,7 +41,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     candidates = _read_candidates(args)
     queries = _read_queries(args)
-    loaded = LoadedRun(args.run_dir, merge=not args.no_merge)
+    loaded = LoadedRun(args.run_dir, merge=not args.no_merge, allow_status=args.allow_status)
     given = {name: value for name, value in (("candidates", candidates), ("catalogue", args.catalogue)) if value}
     unused = [name for name in given if name not in loaded.task.request_inputs]
     if unused:
@@ -74,7 +74,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     from querytune.inference import LoadedRun
     from querytune.tasks import arguments_of
 
-    loaded = LoadedRun(args.run_dir, merge=not args.no_merge)
+    loaded = LoadedRun(args.run_dir, merge=not args.no_merge, allow_status=args.allow_status)
     task_args = arguments_of(loaded.config.data.task)
     data_keys = {f.name for cls in (DataArguments, task_args) if cls for f in dataclasses.fields(cls)}
     for tok in overrides:
@@ -100,16 +100,18 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from querytune.hub import push_run
+    from querytune.hub import PUSH_STATUSES, push_run
 
-    print(push_run(args.run_dir, args.repo_id, token=args.token, private=args.private or None))
+    allow = ",".join([*PUSH_STATUSES, args.allow_status])  # a failed push is what `querytune push` retries
+    print(push_run(args.run_dir, args.repo_id, token=args.token, private=args.private or None, allow_status=allow))
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
     from querytune.sweep import run_sweep
 
-    summary = run_sweep(args.sweep_file, args.trials, args.output_dir, seed=args.seed, extra_args=overrides)
+    summary = run_sweep(args.sweep_file, args.trials, args.output_dir, seed=args.seed, extra_args=overrides,
+                        resume=args.resume)  # fmt: skip
     best = summary["best"]
     print(json.dumps({"best": best and {k: best[k] for k in ("trial", "value", "params", "run_dir")}}, indent=2))
     return 0
@@ -122,7 +124,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     rows = []
     for run_dir in args.runs:
         try:
-            rows.append(run_row(run_dir, metric_prefix=args.split))
+            rows.append(run_row(run_dir, metric_prefix=args.split, allow_status=args.allow_status))
         except RunError as err:
             print(f"querytune: skipping {run_dir}: {err}", file=sys.stderr)
     if not rows:
@@ -145,7 +147,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     info = export_run(args.run_dir, fmt=args.format, quantize=args.quantize, output_dir=args.output_dir,
                       overwrite=args.overwrite, verify_samples=args.verify_samples, verify_file=args.verify_file,
                       opset=args.opset, exporter=args.exporter, optimize=not args.no_optimize,
-                      quantization=args.quantization)  # fmt: skip
+                      quantization=args.quantization, allow_status=args.allow_status)  # fmt: skip
     print(f"{info['merge_note']}; exported to {info['export_dir']}", file=sys.stderr)
     print(json.dumps({"export_dir": info["export_dir"], **info["verification"]}, indent=2))
     return 0
@@ -158,8 +160,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(max_batch=args.max_batch, model_batch_size=args.model_batch_size,
                              max_wait_ms=args.max_wait_ms, max_queries_per_request=args.max_queries, max_query_chars=args.max_query_chars,
                              max_pending=args.max_pending)  # fmt: skip
-    serve(args.runs, host=args.host, port=args.port, settings=settings, threads=args.threads)
+    serve(args.runs, host=args.host, port=args.port, settings=settings, threads=args.threads,
+          allow_status=args.allow_status)  # fmt: skip
     return 0
+
+
+def _allow_status(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow_status",
+        "--allow-status",
+        default="finished",
+        help="load a run that did not finish cleanly too: pruned (stopped by a sweep's pruner), "
+        "failed_after_training (W&B or the Hub push failed after training), or any",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,17 +202,20 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--candidates", nargs="+", help="rerank: the documents to rank for the query")
     predict.add_argument("--candidates_file", "--candidates-file", help="rerank: one document per line ('-': stdin)")
     predict.add_argument("--catalogue", help="retrieval: a catalogue file to search (default: the run's dataset)")
+    _allow_status(predict)
 
     ev = sub.add_parser("eval", help="re-score a finished run on a dataset split (data keys as flags)")
     ev.add_argument("run_dir")
     ev.add_argument("--split", default="test", help="the split to score (default test)")
     ev.add_argument("--batch_size", "--batch-size", type=int, default=64)
     ev.add_argument("--no_merge", "--no-merge", action="store_true")
+    _allow_status(ev)
     sweep = sub.add_parser("sweep", help="run a W&B sweep file offline with Optuna (extra flags go to every trial)")
     sweep.add_argument("sweep_file")
     sweep.add_argument("--trials", type=int, default=8)
     sweep.add_argument("--sweep_dir", "--sweep-dir", dest="output_dir", default=None, help="default runs/sweep-<name>")
     sweep.add_argument("--sweep_seed", "--sweep-seed", dest="seed", type=int, default=0, help="sampler seed")
+    sweep.add_argument("--resume", action="store_true", help="continue the sweep in --sweep_dir")
 
     report = sub.add_parser("report", help="compare finished runs: Markdown table + PNG chart")
     report.add_argument("runs", nargs="+")
@@ -207,12 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--png", help="write the comparison chart here")
     report.add_argument("--split", default="test", choices=["test", "eval"], help="metrics of this split")
     report.add_argument("--title", default="querytune run comparison")
+    _allow_status(report)
 
     push = sub.add_parser("push", help="upload a finished run (adapter, head, label map, card) to the Hub")
     push.add_argument("run_dir")
     push.add_argument("--repo-id", "--repo_id", dest="repo_id", required=True, help="ORG/NAME on the Hub")
     push.add_argument("--private", action="store_true")
     push.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the stored login)")
+    _allow_status(push)
 
     export = sub.add_parser("export", help="export a run for serving (merged / ONNX, int8), verified against it")
     export.add_argument("run_dir")
@@ -229,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--quantization", default=None,
                         help="--quantize int8: the setting (see querytune.serving.export.QUANT_SETTINGS; default: the "
                         "one chosen on CLINC150)")  # fmt: skip
+    _allow_status(export)
 
     srv = sub.add_parser("serve", help="HTTP JSON API over runs and exports (POST /predict, /metrics)")
     srv.add_argument("runs", nargs="+", help="run or export directories, optionally NAME=DIR")
@@ -242,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max_query_chars", "--max-query-chars", type=int, default=512)
     srv.add_argument("--max_pending", "--max-pending", type=int, default=256, help="beyond this: 503")
     srv.add_argument("--threads", type=int, default=None, help="torch / ONNX Runtime threads per model")
+    _allow_status(srv)
     return parser
 
 

@@ -223,6 +223,16 @@ class QueryTrainingArguments(Seq2SeqTrainingArguments):
     def __post_init__(self) -> None:
         if self.output_dir is None:
             self.output_dir = "runs/unnamed"
+        # A run that makes no optimizer step must fail here, not "finish" with an untrained model.
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(
+                f"max_steps must be a positive number of steps, or -1 to train for num_train_epochs; got {self.max_steps}"
+            )
+        if self.max_steps == -1 and not self.num_train_epochs > 0:
+            raise ValueError(f"num_train_epochs must be positive (or set max_steps), got {self.num_train_epochs}")
         super().__post_init__()
         if self.early_stopping_patience is not None and not self.load_best_model_at_end:
             raise ValueError("early_stopping_patience needs load_best_model_at_end: true and metric_for_best_model")

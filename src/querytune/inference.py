@@ -21,7 +21,16 @@ from torch import nn
 from querytune.config import ExperimentConfig, load_config
 from querytune.methods import get_method, register_bottleneck
 from querytune.models import load_tokenizer
-from querytune.runs import CONFIG_FILE, LABEL_MAP, ONNX_FILE, PARTIAL_EXPORT_MARKER, is_export, read_export, read_run
+from querytune.runs import (
+    CONFIG_FILE,
+    FINISHED,
+    LABEL_MAP,
+    ONNX_FILE,
+    PARTIAL_EXPORT_MARKER,
+    is_export,
+    read_export,
+    read_run,
+)
 from querytune.tasks import get_task
 
 logger = logging.getLogger(__name__)
@@ -70,15 +79,17 @@ class LoadedRun:
       is loaded as it was exported).
     - `threads`: torch / ONNX Runtime intra-op threads.
     - `export_info`: the marker of an export that is being verified before its marker is written.
+    - `allow_status`: the run statuses accepted besides `finished` (`pruned`, `failed_after_training`, or "any");
+      by default a run that did not finish cleanly is refused, with the reason.
     """
 
     def __init__(self, path: str | Path, merge: bool = True, device: str | None = None, threads: int | None = None,
-                 *, export_info: dict | None = None) -> None:  # fmt: skip
+                 *, export_info: dict | None = None, allow_status: tuple[str, ...] | str | None = (FINISHED,)) -> None:  # fmt: skip
         self.run_dir = Path(path)
         self.is_export = (export_info is not None or is_export(self.run_dir)
                           or (self.run_dir / PARTIAL_EXPORT_MARKER).exists())  # fmt: skip
         self.info = export_info if export_info is not None else (
-            read_export(self.run_dir) if self.is_export else read_run(self.run_dir))  # fmt: skip
+            read_export(self.run_dir) if self.is_export else read_run(self.run_dir, allow_status))  # fmt: skip
         self.format = self.info.get("format", "pytorch") if self.is_export else "pytorch"
         self.config: ExperimentConfig = load_config(self.run_dir / CONFIG_FILE)
         self.task = get_task(self.config.data.task)(self.config)
@@ -129,6 +140,7 @@ class LoadedRun:
         return self.task.predict(self, texts, top_k=top_k, batch_size=batch_size, **inputs)
 
 
-def load_run(path: str | Path, threads: int | None = None, device: str | None = "cpu") -> LoadedRun:
+def load_run(path: str | Path, threads: int | None = None, device: str | None = "cpu",
+             allow_status: tuple[str, ...] | str | None = (FINISHED,)) -> LoadedRun:  # fmt: skip
     """A run (adapter merged where the method allows) or an export, for serving."""
-    return LoadedRun(path, merge=True, device=device, threads=threads)
+    return LoadedRun(path, merge=True, device=device, threads=threads, allow_status=allow_status)

@@ -25,10 +25,10 @@ def task_columns(task: str | None, metrics: dict[str, float] | None = None) -> l
     return [c for c in cls.report_columns if c[0] not in shadowed]
 
 
-def run_row(run_dir: str | Path, metric_prefix: str = "test") -> dict[str, Any]:
-    """The comparison row of one finished run (raises RunError for an unfinished one)."""
+def run_row(run_dir: str | Path, metric_prefix: str = "test", allow_status: str | None = "finished") -> dict[str, Any]:
+    """The comparison row of one finished run (raises RunError for an unfinished one, or a status not allowed)."""
     run = Path(run_dir)
-    info = read_run(run)
+    info = read_run(run, allow_status)
     metrics = json.loads((run / METRICS_FILE).read_text())
     task_metrics = {}
     for name, _, _ in task_columns(info.get("task")):

@@ -1,16 +1,35 @@
-"""The run directory: what a finished run holds, and the marker that tells it from an interrupted one."""
+"""The run directory: what a finished run holds, and the marker that tells it from an interrupted one.
+
+The marker (`querytune_run.json`) is written last and atomically, after the model, the reports, the W&B run and the
+Hub push. Its `status` says how the run ended:
+
+- `finished`: trained to the end and everything after training succeeded;
+- `pruned`: stopped early by a sweep's pruner (the model is whatever it was when stopped);
+- `failed_after_training`: the model was trained and saved, but finishing the W&B run or the Hub push failed
+  (`failures` says which, with the error).
+
+`predict`, `eval`, `export` and `serve` load only `finished` runs unless told otherwise (`allow_status`).
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 from querytune.errors import ExportError, RunError
 
-MARKER = "querytune_run.json"  # written last, atomically: its presence means the run finished
+MARKER = "querytune_run.json"  # written last, atomically: without it a run is unfinished
+FINISHED, PRUNED, FAILED_AFTER_TRAINING = "finished", "pruned", "failed_after_training"
+STATUSES = (FINISHED, PRUNED, FAILED_AFTER_TRAINING)
+_STATUS_MEANING = {
+    PRUNED: "a sweep's pruner stopped it before the end of its schedule",
+    FAILED_AFTER_TRAINING: "the model was trained and saved, but a step after training failed",
+}
 CONFIG_FILE = "querytune_config.yaml"
 LABEL_MAP = "label_map.json"
 METRICS_FILE = "all_results.json"
@@ -18,6 +37,7 @@ METRICS_FILE = "all_results.json"
 EXPORT_MARKER = "querytune_export.json"
 PARTIAL_EXPORT_MARKER = ".querytune_export_partial"  # written first: an export is being written here
 ONNX_FILE = "model.onnx"
+TRAINER_STATE = "trainer_state.json"  # Trainer writes it last into a checkpoint: then the checkpoint is complete
 
 
 def prepare_output_dir(output_dir: str | Path, *, resume: bool, overwrite: bool) -> None:
@@ -36,18 +56,51 @@ def prepare_output_dir(output_dir: str | Path, *, resume: bool, overwrite: bool)
     (out / MARKER).unlink(missing_ok=True)
 
 
+def last_complete_checkpoint(output_dir: str | Path, required: tuple[str, ...] = ()) -> Path | None:
+    """The newest `checkpoint-N` folder that was completely written, or None.
+
+    A run killed while saving leaves a checkpoint without `trainer_state.json` (or without a file a method's callback
+    writes after Trainer, `required`); resuming from it would fail or silently diverge, so it is skipped with a
+    warning.
+    """
+    out = Path(output_dir)
+    if not out.is_dir():
+        return None
+    found = sorted(
+        (int(m.group(1)), p) for p in out.iterdir() if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))
+    )
+    for _, path in reversed(found):
+        missing = [name for name in (TRAINER_STATE, *required) if not (path / name).is_file()]
+        if not missing:
+            return path
+        logging.getLogger("querytune").warning("skipping %s: it was not completely written (no %s)", path,
+                                               ", ".join(missing))  # fmt: skip
+    return None
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     os.replace(tmp, path)
 
 
-def mark_finished(output_dir: str | Path, info: dict[str, Any]) -> None:
-    write_json_atomic(Path(output_dir) / MARKER, {"status": "finished", **info})
+def mark_run(output_dir: str | Path, info: dict[str, Any], status: str = FINISHED,
+             failures: list[dict[str, str]] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Write the marker (last, atomically) with the run's status; returns what was written."""
+    if status not in STATUSES:
+        raise ValueError(f"unknown run status {status!r}; one of {STATUSES}")
+    marker = {"status": status, **{k: v for k, v in info.items() if k not in ("status", "failures")}}
+    if failures:
+        marker["failures"] = failures
+    write_json_atomic(Path(output_dir) / MARKER, marker)
+    return marker
 
 
-def read_run(run_dir: str | Path) -> dict[str, Any]:
-    """The marker of a finished run; a clear error for a missing, unfinished or foreign directory."""
+def read_run(
+    run_dir: str | Path, allow_status: tuple[str, ...] | list[str] | str | None = (FINISHED,)
+) -> dict[str, Any]:
+    """The marker of a run whose status is in `allow_status` (default: finished only; None or "any": every status);
+    a clear error for a missing, unfinished or foreign directory, or a status not allowed."""
     run = Path(run_dir)
     if not run.is_dir():
         raise RunError(f"run directory not found: {run}")
@@ -60,7 +113,31 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
             else ""
         )
         raise RunError(f"{run} is not a finished querytune run (no {MARKER}).{hint}")
-    return json.loads(marker.read_text())
+    info = json.loads(marker.read_text())
+    allowed = parse_allow_status(allow_status)
+    status = info.get("status", FINISHED)
+    if status not in allowed:
+        failures = "; ".join(f"{f.get('stage')}: {f.get('error')}" for f in info.get("failures", []))
+        raise RunError(
+            f"{run} has status {status!r}: {_STATUS_MEANING.get(status, 'not finished')}"
+            f"{f' ({failures})' if failures else ''}. Commands load finished runs only; pass --allow_status {status} "
+            "to use it anyway."
+        )
+    return info
+
+
+def parse_allow_status(allow_status: tuple[str, ...] | list[str] | str | None) -> tuple[str, ...]:
+    """The statuses a command accepts: a name, a comma-separated list, "any" or None (every status)."""
+    if allow_status is None:
+        return STATUSES
+    names = allow_status.split(",") if isinstance(allow_status, str) else list(allow_status)
+    names = [n.strip() for n in names if n.strip()]
+    if "any" in names:
+        return STATUSES
+    unknown = [n for n in names if n not in STATUSES]
+    if unknown:
+        raise RunError(f"--allow_status: unknown status {unknown[0]!r}; use one of {', '.join(STATUSES)} or any")
+    return tuple(dict.fromkeys([FINISHED, *names]))
 
 
 def dir_size_mb(paths: list[Path]) -> float:

@@ -4,13 +4,21 @@ The same file works with `wandb sweep` + `wandb agent` against the W&B server. O
 Optuna sampler (grid → GridSampler, random → RandomSampler, bayes → TPESampler), `early_terminate: hyperband`
 picks a HyperbandPruner fed by every evaluation, `metric` is the objective, and `command` names the experiment
 and any fixed flags. Each trial is an ordinary training with its own run directory and its own W&B run.
+
+A sweep survives failures: the Optuna study lives in `optuna.db` (SQLite) in the sweep directory, so `querytune
+sweep ... --resume` continues a killed sweep without re-running finished trials (the trial that was running is
+recorded as interrupted and run again); a trial that raises is recorded as failed, with its error, and the sweep
+goes on; `sweep_summary.{json,md}` is rewritten after every trial. Secrets passed to a sweep (`--hub_token`, any key
+named like a token, key, secret or password) never reach the summary, the study file or any written command.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
+import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +28,7 @@ import yaml
 from transformers import TrainerCallback
 
 from querytune.config import ConfigError, load_config
+from querytune.errors import RunError
 from querytune.runs import CONFIG_FILE, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -28,6 +37,11 @@ SUPPORTED = ("constant", "categorical", "int_uniform", "uniform", "q_uniform", "
 UNSUPPORTED = ("normal", "q_normal", "log_normal", "q_log_normal", "q_log_uniform", "q_log_uniform_values",
                "inv_log_uniform", "inv_log_uniform_values", "beta", "q_beta")  # fmt: skip
 METHODS = {"grid", "random", "bayes"}
+STUDY_FILE = "optuna.db"
+# A key whose last word is token / key / secret / password holds a credential (hub_token, wandb_api_key). Plural
+# "tokens" names a count (prompt_num_virtual_tokens, rewrite_max_new_tokens), which a reproduce command needs.
+SECRET_NAME = re.compile(r"(^|[_-])(token|key|apikey|secret|password|passwd|credentials?)$", re.IGNORECASE)
+REDACTED = "REDACTED"  # shell-safe: commands are written with shlex.join
 
 
 @dataclass
@@ -198,79 +212,169 @@ def _pruner(sweep: Sweep):
     )
 
 
+def is_secret(name: str) -> bool:
+    return bool(SECRET_NAME.search(name.lstrip("-").split("=", 1)[0]))
+
+
+def redact(tokens: list[str]) -> list[str]:
+    """Command-line tokens with the value of every secret flag replaced (`--hub_token X`, `--hub_token=X`)."""
+    out: list[str] = []
+    hide_next = False
+    for tok in tokens:
+        if hide_next and not tok.startswith("--"):
+            out.append(REDACTED)
+        elif tok.startswith("--") and "=" in tok and is_secret(tok):
+            out.append(f"{tok.split('=', 1)[0]}={REDACTED}")
+        else:
+            out.append(tok)
+        hide_next = tok.startswith("--") and "=" not in tok and is_secret(tok)
+    return out
+
+
+def _lock(out: Path):
+    """One process per sweep directory: an exclusive lock that the OS releases when the process dies."""
+    handle = (out / ".sweep.lock").open("w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RunError(f"{out}: another `querytune sweep` is running in this directory") from None
+    return handle
+
+
+def _close_interrupted(study) -> int:
+    """Record the trials a killed sweep left running as failed (interrupted) and queue their values again."""
+    import optuna
+
+    count = 0
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+        study._storage.set_trial_user_attr(t._trial_id, "error", "interrupted: the sweep process was stopped")
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        if t.params:
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
+        count += 1
+    return count
+
+
+def _done(study) -> int:
+    """Trials that count towards `--trials`: finished, pruned or failed (not the interrupted ones, run again)."""
+    return sum(1 for t in study.trials if t.state.is_finished() and not t.user_attrs.get("interrupted"))
+
+
 def run_sweep(path: str | Path, trials: int, output_dir: str | Path | None = None, seed: int = 0,
-              extra_args: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
-    """Run up to `trials` trials; returns (and writes) the sweep summary with the best trial and its config."""
+              extra_args: list[str] | None = None, resume: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Run trials until `trials` have finished, pruned or failed; returns (and writes) the sweep summary with the
+    best trial and its config. `resume` continues the sweep stored in `output_dir`."""
     import optuna
 
     from querytune.train import run
 
     sweep = load_sweep(path)
     out = Path(output_dir or f"runs/sweep-{sweep.name}")
-    out.mkdir(parents=True, exist_ok=True)
+    db = out / STUDY_FILE
+    if resume and not db.is_file():
+        raise RunError(f"--resume: no sweep to continue in {out} (no {STUDY_FILE})")
+    if not resume and out.is_dir() and any(out.iterdir()):
+        what = "a sweep" if db.is_file() else "files"
+        raise RunError(f"{out} already holds {what}: continue it with --resume, or choose another --sweep_dir")
     fixed = [*sweep.fixed_args, *(extra_args or [])]
     # Check the experiment and every parameter name up front: a typo must not surface at trial 7.
     probe = {n: (p.get("values") or [p.get("value", p.get("min"))])[0] for n, p in sweep.parameters.items()}
     load_config(sweep.experiment, [*fixed, *_as_flags(probe), "--output_dir", str(out / "probe")])
+    out.mkdir(parents=True, exist_ok=True)
+    lock = _lock(out)
 
-    sampler, grid_size = _sampler(sweep, seed)
+    storage = f"sqlite:///{db.resolve()}"
     direction = "maximize" if sweep.goal == "maximize" else "minimize"
-    study = optuna.create_study(direction=direction, sampler=sampler, pruner=_pruner(sweep), study_name=sweep.name)
+    if resume:  # a fresh sampler seed, or a random sweep would draw the first trials' values again
+        seed += len(optuna.load_study(study_name=sweep.name, storage=storage).trials)
+    sampler, grid_size = _sampler(sweep, seed)
+    study = optuna.create_study(direction=direction, sampler=sampler, pruner=_pruner(sweep), study_name=sweep.name,
+                                storage=storage, load_if_exists=resume)  # fmt: skip
+    if resume:
+        interrupted = _close_interrupted(study)
+        logger.info("resuming sweep %s in %s: %d trials done, %d interrupted (run again)", sweep.name, out,
+                    _done(study), interrupted)  # fmt: skip
     n_trials = min(trials, grid_size) if grid_size else trials
     if grid_size and trials > grid_size:
         logger.warning("grid has %d points; running %d trials, not %d", grid_size, grid_size, trials)
+    remaining = max(0, n_trials - _done(study))
 
     def objective(trial) -> float:
         values = suggest(trial, sweep.parameters)
         trial_dir = out / f"trial-{trial.number:03d}"
-        flags = [*fixed, *_as_flags(values), "--output_dir", str(trial_dir), "--overwrite_output_dir", "true",
+        flags = [*fixed, *_as_flags(values), "--output_dir", str(trial_dir),
                  "--run_name", f"{sweep.name}-trial-{trial.number:03d}", "--wandb_group", sweep.name]  # fmt: skip
-        config = load_config(sweep.experiment, flags)
-        trial.set_user_attr("command", shlex.join(["querytune", "train", sweep.experiment, *flags]))
+        trial.set_user_attr("command", shlex.join(["querytune", "train", sweep.experiment, *redact(flags)]))
         trial.set_user_attr("run_dir", str(trial_dir))
-        pruning = PruningCallback(trial, sweep.metric)
-        result = run(config, callbacks=[pruning])
-        if sweep.metric not in result.metrics:
-            raise ConfigError(f"{sweep.path}: metric {sweep.metric!r} was not produced; have {sorted(result.metrics)}")
+        write_summary(study, sweep, out)  # the running trial shows too
+        try:
+            config = load_config(sweep.experiment, flags)
+            pruning = PruningCallback(trial, sweep.metric)
+            result = run(config, callbacks=[pruning])
+            if sweep.metric not in result.metrics:
+                raise ConfigError(
+                    f"{sweep.path}: metric {sweep.metric!r} was not produced; have {sorted(result.metrics)}"
+                )
+        except Exception as err:  # recorded as a failed trial (catch= below); the sweep goes on
+            trial.set_user_attr("error", f"{type(err).__name__}: {err}")
+            raise
         if pruning.pruned:
             raise optuna.TrialPruned()
         return float(result.metrics[sweep.metric])
 
-    study.optimize(objective, n_trials=n_trials, catch=())
-    return write_summary(study, sweep, out)
+    try:
+        write_summary(study, sweep, out)
+        study.optimize(objective, n_trials=remaining, catch=(Exception,),
+                       callbacks=[lambda study, trial: write_summary(study, sweep, out)])  # fmt: skip
+        return write_summary(study, sweep, out)
+    finally:
+        lock.close()
 
 
 def write_summary(study, sweep: Sweep, out: Path) -> dict[str, Any]:
+    """sweep_summary.json and .md: every trial (state, value, params, error, run directory, the command that
+    reproduces it) and the best one with its full config. Written atomically after every trial."""
     import optuna
 
     rows = []
     for t in study.trials:
-        rows.append({"trial": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+        rows.append({"trial": t.number, "state": t.state.name, "value": t.value, "params": _public(t.params),
                      "intermediate": list(t.intermediate_values.values()), "run_dir": t.user_attrs.get("run_dir"),
-                     "command": t.user_attrs.get("command")})  # fmt: skip
+                     "command": t.user_attrs.get("command"), "error": t.user_attrs.get("error"),
+                     "retry_of": t.user_attrs.get("retry_of")})  # fmt: skip
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     summary: dict[str, Any] = {"sweep": str(sweep.path), "method": sweep.method, "metric": sweep.metric,
                                "goal": sweep.goal, "trials": rows, "best": None}  # fmt: skip
     if complete:
         best = study.best_trial
         config_path = Path(best.user_attrs["run_dir"]) / CONFIG_FILE
+        config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else None
         summary["best"] = {
             "trial": best.number,
             "value": best.value,
-            "params": best.params,
+            "params": _public(best.params),
             "run_dir": best.user_attrs["run_dir"],
             "command": best.user_attrs["command"],
-            "config": yaml.safe_load(config_path.read_text()) if config_path.is_file() else None,
+            "config": _public(config) if config else None,
         }
     write_json_atomic(out / "sweep_summary.json", summary)
     lines = [f"# Sweep {sweep.name} ({sweep.method}, {sweep.goal} {sweep.metric})", "",
-             "| trial | state | value | params |", "|---|---|---|---|"]  # fmt: skip
+             "| trial | state | value | params | error |", "|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         value = f"{r['value']:.4f}" if r["value"] is not None else "–"
-        lines.append(f"| {r['trial']} | {r['state']} | {value} | `{json.dumps(r['params'])}` |")
+        error = (r["error"] or "").replace("|", "\\|").replace("\n", " ")[:200]
+        lines.append(f"| {r['trial']} | {r['state']} | {value} | `{json.dumps(r['params'])}` | {error} |")
     if summary["best"]:
         b = summary["best"]
         lines += ["", f"**Best: trial {b['trial']}**, {sweep.metric} = {b['value']:.4f}, params "
                   f"`{json.dumps(b['params'])}`; run `{b['run_dir']}`; reproduce with `{b['command']}`."]  # fmt: skip
-    (out / "sweep_summary.md").write_text("\n".join(lines) + "\n")
+    tmp = out / "sweep_summary.md.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(out / "sweep_summary.md")
     return summary
+
+
+def _public(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: (REDACTED if is_secret(k) else v) for k, v in values.items()}

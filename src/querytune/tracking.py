@@ -3,6 +3,10 @@
 Trainer's own `WandbCallback` logs the training curves; it reuses the run started here, which carries querytune's
 full resolved config, the experiment's name, group and tags. Trainer never calls `wandb.finish()`, so without
 `finish_run` two trainings in one process (a sweep) would share one W&B run.
+
+An unreachable W&B server never stops a training: `wandb.init` gets a timeout (WANDB_INIT_TIMEOUT, default 30 s
+here instead of wandb's 90 s), and when it expires the run falls back to offline mode with one notice and trains on
+(upload it later with `wandb sync`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from typing import Any
 from querytune.config import ExperimentConfig
 
 logger = logging.getLogger(__name__)
+
+INIT_TIMEOUT_S = 30.0  # without WANDB_INIT_TIMEOUT: how long an unreachable server may delay a training
 
 
 def wants_wandb(config: ExperimentConfig) -> bool:
@@ -41,24 +47,40 @@ def start_run(config: ExperimentConfig) -> Any | None:
     import wandb
 
     mode = None
+    offline_dir = f"{os.environ.get('WANDB_DIR', '.')}/wandb"
     if not os.environ.get("WANDB_MODE") and not has_api_key():
         mode = "offline"
         print(
-            "querytune: no W&B API key found: logging offline to "
-            f"{os.environ.get('WANDB_DIR', '.')}/wandb (upload later with `wandb sync <that folder>/offline-run-*`)"
+            f"querytune: no W&B API key found: logging offline to {offline_dir} (upload later with "
+            "`wandb sync <that folder>/offline-run-*`)"
         )
     args = config.training
-    return wandb.init(
+    run_id = os.environ.get("WANDB_RUN_ID")
+    name = args.run_name
+    if os.environ.get("WANDB_SWEEP_ID") and run_id and name:  # `wandb agent`: one run per trial, told apart
+        name = f"{name}-{run_id}"
+    kwargs = dict(
         project=args.wandb_project or os.environ.get("WANDB_PROJECT", "querytune"),
-        name=args.run_name,
+        name=name,
         group=args.wandb_group or os.environ.get("WANDB_RUN_GROUP"),
         tags=args.wandb_tags,
         config=config.to_flat_dict(),
-        mode=mode,
         # wandb caches settings per process; pass the current folder so each run goes where the env says now
         dir=os.environ.get("WANDB_DIR"),
         reinit="finish_previous",
     )
+    timeout = None if os.environ.get("WANDB_INIT_TIMEOUT") else INIT_TIMEOUT_S  # wandb reads the variable itself
+    try:
+        return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=timeout) if timeout else None, **kwargs)
+    except (wandb.errors.Error, TimeoutError) as err:
+        if mode == "offline" or os.environ.get("WANDB_MODE") == "offline":
+            raise
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(
+            f"querytune: W&B did not answer ({first_line}); training goes on with W&B offline in {offline_dir} "
+            "(upload later with `wandb sync <that folder>/offline-run-*`)"
+        )
+        return wandb.init(mode="offline", **kwargs)
 
 
 def finish_run(run: Any | None, metrics: dict[str, Any], output_dir: Path, info: dict[str, Any]) -> None:

@@ -4,9 +4,13 @@
     python -m querytune.train experiments/quickstart.yaml
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml -m querytune.train experiments/...yaml
 
-Flags after the experiment file override its keys. The run directory gets the model or adapter with its head,
-the tokenizer, the label map, the resolved config, metrics, reports, plots, a model card and, last of all, the
-`querytune_run.json` marker that says the run finished.
+Flags after the experiment file override its keys. The run directory gets the resolved config first (so that an
+interrupted run can be resumed with `querytune train RUN/querytune_config.yaml --resume_from_checkpoint last`),
+then checkpoints, the model or adapter with its head and model config, the tokenizer, the label map, metrics,
+reports, plots and a model card; then the W&B run is finished and the Hub push made, and last of all the
+`querytune_run.json` marker records how the run ended (`finished`, `pruned` or `failed_after_training`).
+
+Under `wandb agent` (WANDB_SWEEP_ID and WANDB_RUN_ID set), each trial trains into `<output_dir>/<sweep id>/<run id>`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import resource
 import sys
 import time
@@ -26,21 +31,24 @@ import datasets
 import torch
 import transformers
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from querytune import __version__, tracking
 from querytune.config import ExperimentConfig, load_config
-from querytune.errors import run_guarded
-from querytune.hub import push_run, write_model_card
+from querytune.errors import ConfigError, PushError, RunError, run_guarded
+from querytune.hub import hub_model_id, push_run, write_model_card
 from querytune.methods import get_method
 from querytune.methods.builders import MethodContext, apply_method, method_callbacks
 from querytune.models import count_parameters, load_tokenizer, resolve_model_path
 from querytune.runs import (
     CONFIG_FILE,
+    FAILED_AFTER_TRAINING,
+    FINISHED,
     LABEL_MAP,
     METRICS_FILE,
+    PRUNED,
     dir_size_mb,
-    mark_finished,
+    last_complete_checkpoint,
+    mark_run,
     model_files,
     prepare_output_dir,
     write_json_atomic,
@@ -121,22 +129,50 @@ class RunResult:
     tokenizer: Any
     trainer: Trainer
     output_dir: Path
+    status: str = FINISHED  # or "pruned" (see querytune.runs)
+
+
+def sweep_output_dir(output_dir: str) -> str:
+    """Under `wandb agent` every trial gets the sweep file's fixed output_dir; give each its own folder."""
+    sweep_id, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    if not sweep_id or not run_id or Path(output_dir).parts[-2:] == (sweep_id, run_id):
+        return output_dir
+    return str(Path(output_dir) / sweep_id / run_id)
+
+
+def check_steps(total_steps: int, train_rows: int, config: ExperimentConfig) -> None:
+    """A run that would make no optimizer step is an error before training, never a 'finished' untrained model."""
+    if train_rows == 0:
+        raise ConfigError(f"{config.source}: the train split is empty: nothing to train on")
+    if total_steps <= 0:
+        args = config.training
+        raise ConfigError(
+            f"{config.source}: this run would train 0 steps (max_steps={args.max_steps}, num_train_epochs="
+            f"{args.num_train_epochs}, {train_rows} train rows)"
+        )
 
 
 def run(config: ExperimentConfig, callbacks: list[TrainerCallback] | None = None) -> RunResult:
-    """Train, evaluate and save one experiment; `callbacks` are added to the Trainer's (sweeps use this)."""
+    """Train, evaluate and save one experiment; `callbacks` are added to the Trainer's (sweeps use this).
+
+    A callback whose `pruned` attribute is true after training (a sweep's pruner) marks the run `pruned`.
+    """
     args = config.training
     setup_logging(config)
     started = time.time()
+    args.output_dir = sweep_output_dir(args.output_dir)
+    out = Path(args.output_dir)
 
     # --- run directory and resume
     resume = args.resume_from_checkpoint
-    if resume == "last":
-        resume = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
-        if resume is None:
-            raise FileNotFoundError(f"--resume_from_checkpoint last: no checkpoint-* folder in {args.output_dir}")
+    if resume == "last" and last_complete_checkpoint(out) is None:
+        raise RunError(f"--resume_from_checkpoint last: no complete checkpoint-* folder in {out}")
+    if resume not in (None, "last") and not Path(resume).is_dir():
+        raise RunError(f"--resume_from_checkpoint: checkpoint folder not found: {resume}")
     if args.should_save:
-        prepare_output_dir(args.output_dir, resume=resume is not None, overwrite=args.overwrite_output_dir)
+        prepare_output_dir(out, resume=resume is not None, overwrite=args.overwrite_output_dir)
+        # Written before anything else, so that the resume hint works for a run killed at any point.
+        config.save(out / CONFIG_FILE)
     set_seed(args.seed)
     check_distributed(config)
 
@@ -153,14 +189,15 @@ def run(config: ExperimentConfig, callbacks: list[TrainerCallback] | None = None
     logger.info("splits: %s; %d labels", {k: len(v) for k, v in encoded.items()}, len(task.labels))
 
     # --- model and method
-    model, new_modules = task.load_model()
-    # These models return a per-process mean loss although their forward takes **kwargs; without this Trainer
-    # rescales the loss by world size and accumulation steps (see NOTES.md).
-    model.accepts_loss_kwargs = False
     steps_per_epoch = math.ceil(
         len(encoded["train"]) / (args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps)
     )
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.num_train_epochs)
+    check_steps(total_steps, len(encoded["train"]), config)
+    model, new_modules = task.load_model()
+    # These models return a per-process mean loss although their forward takes **kwargs; without this Trainer
+    # rescales the loss by world size and accumulation steps (see NOTES.md).
+    model.accepts_loss_kwargs = False
     ctx = MethodContext(
         task_type=task.peft_task_type,
         new_modules=new_modules,
@@ -179,9 +216,20 @@ def run(config: ExperimentConfig, callbacks: list[TrainerCallback] | None = None
         args.metric_for_best_model = task.default_metric
         args.greater_is_better = True
     throughput = ThroughputCallback()
-    callbacks = [throughput, *method_callbacks(model, config.method), *(callbacks or [])]
+    method_cbs = method_callbacks(model, config.method)
+    callbacks = [throughput, *method_cbs, *(callbacks or [])]
     if args.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
+    if resume == "last":  # the newest checkpoint holding everything Trainer and the method's callbacks wrote
+        needed = tuple(f for cb in method_cbs for f in getattr(cb, "checkpoint_files", ()))
+        resume = last_complete_checkpoint(out, needed)
+        if resume is None:
+            raise RunError(f"--resume_from_checkpoint last: no complete checkpoint-* folder in {out}")
+        resume = str(resume)
+        logger.info("resuming from %s", resume)
+    for cb in method_cbs:
+        if hasattr(cb, "resume_from"):
+            cb.resume_from = resume
     # querytune pushes the finished run itself (card, label map, no checkpoints); Trainer must not push, and the
     # token must not reach training_args.bin, which Trainer pickles into every checkpoint.
     push, hub_token = args.push_to_hub, args.hub_token
@@ -206,6 +254,7 @@ def run(config: ExperimentConfig, callbacks: list[TrainerCallback] | None = None
         if wandb_run is not None:
             wandb_run.finish(exit_code=1)
         raise
+    status = PRUNED if any(getattr(cb, "pruned", False) for cb in callbacks) else FINISHED
     metrics: dict[str, Any] = {f"train_{k}" if not k.startswith("train") else k: v
                                for k, v in train_result.metrics.items()}  # fmt: skip
     metrics["train_step_samples_per_second"] = throughput.samples_per_second(args)
@@ -213,16 +262,17 @@ def run(config: ExperimentConfig, callbacks: list[TrainerCallback] | None = None
     metrics["world_size"] = args.world_size
 
     # --- evaluate
-    out = Path(args.output_dir)
     for role in ("validation", "test"):
         if role not in encoded:
             continue
         metrics.update(task.evaluate_trained(trainer, encoded[role], role, out))
 
-    # --- save (main process only), card, marker last
+    # --- save (main process only), card, W&B, Hub, marker last
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(args.output_dir)
+        if get_method(config.method.method).peft:
+            save_portable_adapter_files(trainer.model, out, config)
         args.push_to_hub = push  # the saved config is what the user asked for
         config.save(out / CONFIG_FILE)
         write_json_atomic(out / LABEL_MAP, task.label_info())
@@ -245,18 +295,72 @@ def run(config: ExperimentConfig, callbacks: list[TrainerCallback] | None = None
             "train_runtime_s": metrics.get("train_runtime", 0.0),
             "train_samples_per_second": metrics["train_step_samples_per_second"],
             "peak_memory_kind": memory_kind,
+            "global_step": trainer.state.global_step,
             "wall_time_s": time.time() - started,
             "weights": [p.name for p in weights],
             "metrics": {k: v for k, v in metrics.items() if k.startswith(("eval_", "test_"))},
         }
         write_model_card(out, info)
-        mark_finished(out, info)
+        hub = {"repo_id": args.hub_model_id or out.name, "token": hub_token, "private": args.hub_private_repo}
+        failures = finish_after_training(wandb_run, metrics, out, info, status, hub if push else None)
+        mark_run(out, info, FAILED_AFTER_TRAINING if failures else status, failures)
+        if failures:
+            raise after_training_error(out, failures)
+        logger.info("%s run in %s: %s", status, out, json.dumps(info["metrics"]))
+    return RunResult(metrics=metrics, model=trainer.model, tokenizer=tokenizer, trainer=trainer, output_dir=out,
+                     status=status)  # fmt: skip
+
+
+def save_portable_adapter_files(model: Any, out: Path, config: ExperimentConfig) -> None:
+    """Make a PEFT run load with plain PEFT / transformers in a process that has never heard of querytune.
+
+    - `config.json`: the base model's config as trained (head size, `id2label`, `label2id`); PEFT's own save leaves
+      it out, and the Hub base model's config does not know the run's labels.
+    - `adapter_config.json` names the base model by its Hub id: querytune may have loaded it from a local copy
+      (the PyPI MiniLM package), whose path means nothing on another machine. querytune's own loader reads the base
+      model from `querytune_config.yaml`, so offline loading is unchanged.
+    """
+    model.get_base_model().config.save_pretrained(out)
+    adapter_config = out / "adapter_config.json"
+    hub_id = hub_model_id(config.model.model_name_or_path)
+    if hub_id and adapter_config.is_file():
+        data = json.loads(adapter_config.read_text())
+        data["base_model_name_or_path"] = hub_id
+        write_json_atomic(adapter_config, data)
+
+
+def finish_after_training(wandb_run: Any, metrics: dict[str, Any], out: Path, info: dict[str, Any], status: str,
+                          push: dict[str, Any] | None) -> list[dict[str, str]]:  # fmt: skip
+    """Finish the W&B run, then push (`push`: repo_id, token, private; finished runs only). Failures are returned,
+    not raised, so that a network error never costs the trained model on disk."""
+    failures: list[dict[str, str]] = []
+    try:
         tracking.finish_run(wandb_run, metrics, out, info)
-        if push:
-            repo_id = args.hub_model_id or out.name
-            metrics["hub_url"] = push_run(out, repo_id, token=hub_token, private=args.hub_private_repo)
-        logger.info("finished run in %s: %s", out, json.dumps(info["metrics"]))
-    return RunResult(metrics=metrics, model=trainer.model, tokenizer=tokenizer, trainer=trainer, output_dir=out)
+    except Exception as err:  # any W&B failure: the model is saved and the marker says what failed
+        logger.error("finishing the W&B run failed: %s: %s", type(err).__name__, err)
+        failures.append({"stage": "wandb", "error": f"{type(err).__name__}: {err}"})
+    if push and status == FINISHED:
+        # The pushed copy carries the marker this run will have if the push succeeds.
+        marker = {"status": FAILED_AFTER_TRAINING if failures else FINISHED, **info}
+        if failures:
+            marker["failures"] = list(failures)
+        try:
+            metrics["hub_url"] = push_run(out, push["repo_id"], token=push["token"], private=push["private"],
+                                          marker=marker)  # fmt: skip
+        except PushError as err:
+            failures.append({"stage": "hub_push", "error": str(err)})
+    return failures
+
+
+def after_training_error(out: Path, failures: list[dict[str, str]]) -> Exception:
+    """One error naming every step that failed after training, and saying the model is safe."""
+    detail = " ".join(f["error"] if f["stage"] == "hub_push" else f"Finishing the W&B run failed ({f['error']})."
+                      for f in failures)  # fmt: skip
+    message = (
+        f"{detail} The trained model in {out} is complete; the run is marked {FAILED_AFTER_TRAINING!r} "
+        f"(`--allow_status {FAILED_AFTER_TRAINING}` loads it)."
+    )
+    return PushError(message) if all(f["stage"] == "hub_push" for f in failures) else RunError(message)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -103,6 +103,9 @@ class MethodSpec:
     prompt_learning: bool = False
     tasks: frozenset[str] | None = None  # the tasks it can train; None: every task
     callbacks: str | Callable[..., list] | None = None  # "module:function" (model, MethodArguments) -> callbacks
+    # "module:function" that teaches PEFT this adapter type, for an adapter type PEFT does not ship (None: PEFT's own);
+    # a saved run loads with plain PEFT after that one call (the Hub card says so).
+    peft_registration: str | None = None
 
     def build(self, model, args, ctx):
         return _resolve(self.builder)(model, args, ctx)
@@ -211,6 +214,7 @@ for _spec in (
                prompt_learning=True),
     MethodSpec("adapter", f"{_BUILDERS}:build_adapter", "Houlsby / Pfeiffer bottleneck adapters",
                options=("adapter_variant", "adapter_reduction_factor", "adapter_bottleneck_size",
-                        "adapter_non_linearity", "adapter_target_modules"), tasks=_ENCODER_TASKS),
+                        "adapter_non_linearity", "adapter_target_modules"), tasks=_ENCODER_TASKS,
+               peft_registration="querytune.methods:register_bottleneck"),
 ):  # fmt: skip
     register_method(_spec)

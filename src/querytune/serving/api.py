@@ -361,14 +361,15 @@ def run_names(paths: list[str]) -> dict[str, Path]:
 
 
 def serve(paths: list[str], host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings | None = None,
-          threads: int | None = None, log_level: str = "info") -> None:  # fmt: skip
+          threads: int | None = None, log_level: str = "info",
+          allow_status: tuple[str, ...] | str | None = ("finished",)) -> None:  # fmt: skip
     """Load every run or export (errors before the server starts), then serve until SIGINT/SIGTERM."""
     import uvicorn
 
     from querytune.inference import load_run
 
     named = run_names(paths)
-    runs = {name: load_run(path, threads) for name, path in named.items()}
+    runs = {name: load_run(path, threads, allow_status=allow_status) for name, path in named.items()}
     app = create_app(runs, settings)
     timeout = int((settings or ServeSettings()).drain_timeout_s)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=timeout)

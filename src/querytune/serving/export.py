@@ -568,6 +568,7 @@ def export_run(
     exporter: str = "dynamo",
     optimize: bool = True,
     quantization: str | None = None,
+    allow_status: tuple[str, ...] | str | None = ("finished",),
 ) -> dict[str, Any]:
     """Export a finished run, verify it against the PyTorch run, and mark the export finished; returns the marker.
 
@@ -587,7 +588,8 @@ def export_run(
     setting = quant_setting(quantization or DEFAULT_QUANT) if quantize == "int8" else None
     start = time.perf_counter()
     run_dir = Path(run_dir)
-    reference = LoadedRun(run_dir, merge=False, device="cpu")  # the run exactly as trained: the reference
+    # the run exactly as trained: the reference
+    reference = LoadedRun(run_dir, merge=False, device="cpu", allow_status=allow_status)
     if is_export(run_dir):
         raise ExportError(f"{run_dir} is already an export; export its run directory instead")
     reason = reference.task.export_unsupported()

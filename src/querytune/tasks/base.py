@@ -51,6 +51,16 @@ def check_head_labels(name_or_path: str, id2label: dict[int, str] | None) -> Non
         )
 
 
+# PEFT's Auto class for each PEFT task type (peft.auto.MODEL_TYPE_TO_PEFT_MODEL_MAPPING, by name).
+_PEFT_AUTO_CLASSES = {
+    "SEQ_CLS": "AutoPeftModelForSequenceClassification",
+    "TOKEN_CLS": "AutoPeftModelForTokenClassification",
+    "CAUSAL_LM": "AutoPeftModelForCausalLM",
+    "SEQ_2_SEQ_LM": "AutoPeftModelForSeq2SeqLM",
+    "FEATURE_EXTRACTION": "AutoPeftModelForFeatureExtraction",
+}
+
+
 class Task(ABC):
     """One kind of query data: loading, preprocessing, model, trainer, metrics, reports, prediction and export."""
 
@@ -83,6 +93,17 @@ class Task(ABC):
     def card_info(cls, label_info: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
         """The Hub card's pipeline tag and extra tags for a run with this saved label map."""
         return cls.pipeline_tag, cls.card_tags
+
+    @classmethod
+    def auto_classes(cls, label_info: dict[str, Any]) -> tuple[str, str] | None:
+        """The transformers and PEFT Auto classes that load a run of this task without querytune (the Hub card's
+        snippet), or None when the model class is querytune's own (e.g. the joint intent + slots model)."""
+        model_class = getattr(cls, "model_class", None)
+        if model_class is None or not getattr(model_class, "__module__", "").startswith("transformers"):
+            return None
+        task_type = getattr(cls.peft_task_type, "value", cls.peft_task_type)
+        peft_class = _PEFT_AUTO_CLASSES.get(task_type)
+        return (model_class.__name__, peft_class) if peft_class else None
 
     def __init__(self, config: ExperimentConfig) -> None:
         self.config = config

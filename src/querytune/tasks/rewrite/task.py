@@ -108,6 +108,12 @@ class RewriteTask(Task):
         seq2seq = label_info.get("family") == "encoder-decoder"
         return ("text2text-generation" if seq2seq else "text-generation"), cls.card_tags
 
+    @classmethod
+    def auto_classes(cls, label_info: dict[str, Any]) -> tuple[str, str] | None:
+        if label_info.get("family") == "encoder-decoder":
+            return "AutoModelForSeq2SeqLM", "AutoPeftModelForSeq2SeqLM"
+        return "AutoModelForCausalLM", "AutoPeftModelForCausalLM"
+
     def export_unsupported(self) -> str | None:
         return ("a rewrite run generates text token by token; it is served from its run directory (`querytune "
                 "serve RUN`), not exported to a single-pass ONNX graph")  # fmt: skip
