@@ -44,6 +44,8 @@ ROWS: dict[str, tuple[str, str, list[str], str]] = {
     "snips-joint-full": ("slots/snips-joint-full.yaml", "snips", [], "as written"),
     "snips-joint-lora": ("slots/snips-joint-lora.yaml", "snips", [], "as written"),
 }
+ROWS["clinc150-lora-e20"] = ("intent/clinc150-lora.yaml", "clinc150", ["--num_train_epochs", "20"],
+                             "the LoRA method file's 20 epochs")  # fmt: skip
 # Short learning-rate sweeps of the bottleneck adapters (2 epochs each), to find where they train.
 for variant in ("houlsby", "pfeiffer"):
     for lr in ("3e-4", "1e-3", "3e-3", "1e-2"):
