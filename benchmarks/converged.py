@@ -75,7 +75,8 @@ def describe(row: dict[str, Any], runs: Path) -> dict[str, Any]:
     best = max((e for e in log if "eval_loss" in e), key=lambda e: e.get(f"eval_{_select(out)}", -1), default={})
     return {**row, "method": info["method"], "task": info["task"], "metrics": metrics,
             "trainable_percent": info["trainable_percent"], "train_runtime_s": info["train_runtime_s"],
-            "samples_per_s": info["train_samples_per_second"], "epochs": metrics.get("epoch"),
+            "samples_per_s": info["train_samples_per_second"],
+            "epochs": metrics.get("epoch") or max((e.get("epoch", 0) for e in log), default=None),
             "best_epoch": best.get("epoch")}  # fmt: skip
 
 
