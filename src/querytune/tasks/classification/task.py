@@ -12,13 +12,27 @@ import peft
 import torch
 from datasets import DatasetDict
 from sklearn.metrics import classification_report, confusion_matrix
-from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, EvalPrediction
+from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, EvalPrediction, Trainer
 
+from querytune.data import UnseenLabels
 from querytune.metrics import load_metric
+from querytune.progress import progress
 from querytune.tasks.base import Task, length_batches
 from querytune.tasks.classification.data import load_classification_splits, load_eval_split
 
 logger = logging.getLogger(__name__)
+IGNORE_INDEX = -100
+
+
+class UnseenLabelsTrainer(Trainer):
+    """A Trainer whose loss skips eval labels kept with `unseen_labels: as_wrong` (ids below -100: the head has no
+    class for them) while prediction_step still hands them, unchanged, to the metrics, which count them as wrong."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        names = set(self.label_names or ())
+        inputs = {k: v.clamp(min=IGNORE_INDEX) if k in names and torch.is_tensor(v) and not v.is_floating_point()
+                  else v for k, v in inputs.items()}  # fmt: skip
+        return super().compute_loss(model, inputs, *args, **kwargs)
 
 
 class ClassificationTask(Task):
@@ -26,6 +40,7 @@ class ClassificationTask(Task):
 
     model_class = AutoModelForSequenceClassification
     peft_task_type = peft.TaskType.SEQ_CLS
+    trainer_class = UnseenLabelsTrainer
     # The metric that decides the best checkpoint when the experiment does not say.
     default_metric = "accuracy"
     card_tags = ("intent-classification",)
@@ -45,7 +60,8 @@ class ClassificationTask(Task):
 
     # --- data
     def load_data(self) -> DatasetDict:
-        splits, self.labels = load_classification_splits(self.config.data, self.config.training.seed)
+        self.unseen = UnseenLabels(self.config.data.unseen_labels)
+        splits, self.labels = load_classification_splits(self.config.data, self.config.training.seed, self.unseen)
         return splits
 
     def label_info(self) -> dict[str, Any]:
@@ -120,13 +136,21 @@ class ClassificationTask(Task):
         (out_dir / f"{split}_confused_pairs.json").write_text(json.dumps(pairs, indent=2))
         plot_confusions(matrix, self.labels, pairs, out_dir / f"{split}_confusion.png", title=f"{split} split")
 
+    def evaluate_trained(self, trainer, dataset, role: str, out_dir: Path) -> dict[str, float]:
+        """The base evaluation, plus what `unseen_labels` did to the split (`num_dropped_unseen` and so on)."""
+        metrics = super().evaluate_trained(trainer, dataset, role, out_dir)
+        prefix = "eval" if role == "validation" else "test"
+        unseen = getattr(self, "unseen", None)
+        return {**metrics, **{f"{prefix}_{k}": v for k, v in (unseen.metrics(role) if unseen else {}).items()}}
+
     # --- inference on a loaded run
     @torch.inference_mode()
     def logits(self, run, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64) -> np.ndarray:
         """Logits for many queries; batches are formed by length so little time goes to padding."""
         max_len = self.config.model.max_seq_length
         out: list[np.ndarray | None] = [None] * len(texts)
-        for idx in length_batches([len(t) for t in texts], batch_size):
+        batches = list(length_batches([len(t) for t in texts], batch_size))
+        for idx in progress(batches, "scoring queries"):
             enc = run.tokenizer(
                 [texts[i] for i in idx],
                 [pairs[i] for i in idx] if pairs else None,
@@ -159,18 +183,19 @@ class ClassificationTask(Task):
     def evaluate(self, run, split: str, out_dir: Path, batch_size: int = 64) -> dict[str, Any]:
         """Score a loaded run on one split of `self.config.data` with the run's label map; write the reports."""
         data = self.config.data
-        ds = load_eval_split(data, split, self.labels)
+        unseen = UnseenLabels(data.unseen_labels)
+        ds = load_eval_split(data, split, self.labels, unseen)
         pairs = ds[data.text_pair_column] if data.text_pair_column else None
         logits = self.logits(run, [t or "" for t in ds[data.text_column]], pairs, batch_size=batch_size)
         labels = np.asarray(ds["labels"])
         metrics = self.compute_metrics(EvalPrediction(predictions=logits, label_ids=labels))
         self.write_reports(logits, labels, out_dir, split)
-        return {"num_examples": len(ds), **metrics}
+        return {"num_examples": len(ds), **unseen.metrics(split), **metrics}
 
     # --- export
     def verification_texts(self, run, split: str) -> tuple[list[str], list[str] | None]:
         data = self.config.data
-        ds = load_eval_split(data, split, self.labels)
+        ds = load_eval_split(data, split, self.labels, UnseenLabels("as_wrong"))  # only the texts are compared
         return [t or "" for t in ds[data.text_column]], list(
             ds[data.text_pair_column]
         ) if data.text_pair_column else None
