@@ -36,6 +36,7 @@ from querytune.errors import ExportError
 from querytune.inference import LoadedRun
 from querytune.methods import get_method
 from querytune.methods.builders import merge_peft_model
+from querytune.progress import progress_label
 from querytune.runs import (
     CONFIG_FILE,
     EXPORT_MARKER,
@@ -201,8 +202,11 @@ def export_run(
     verify_file: str | Path | None = None,
     opset: int = 18,
     exporter: str = "dynamo",
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """Export a finished run, verify it against the PyTorch run, and mark the export finished; returns the marker."""
+    """Export a finished run, verify it against the PyTorch run, and mark the export finished; returns the marker.
+
+    `trust_remote_code` lets the base model's custom code run (a run's saved value is ignored: see `LoadedRun`)."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     if quantize is not None and quantize not in QUANTIZE:
@@ -213,7 +217,8 @@ def export_run(
         raise ExportError("--verify_samples must be at least 1")
     start = time.perf_counter()
     run_dir = Path(run_dir)
-    reference = LoadedRun(run_dir, merge=False, device="cpu")  # the run exactly as trained: the reference
+    # the run exactly as trained: the reference
+    reference = LoadedRun(run_dir, merge=False, device="cpu", trust_remote_code=trust_remote_code)
     if is_export(run_dir):
         raise ExportError(f"{run_dir} is already an export; export its run directory instead")
     reason = reference.task.export_unsupported()
@@ -297,10 +302,12 @@ def export_run(
         info |= {"onnx_file": ONNX_FILE, "inputs": inputs, "outputs": outputs, "opset": opset, "exporter": exporter,
                  "torch_version": torch.__version__}  # fmt: skip
     # Verify the export as it will be served, before it is marked finished.
-    exported = LoadedRun(out, device="cpu", export_info=info)
-    comparison = compare_outputs(reference.task.verification_outputs(reference, texts, pairs),
-                                 exported.task.verification_outputs(exported, texts, pairs),
-                                 groups=texts if pairs is not None else None)  # fmt: skip
+    exported = LoadedRun(out, device="cpu", export_info=info, trust_remote_code=trust_remote_code)
+    with progress_label(f"verifying the export on {len(texts)} queries: PyTorch run"):
+        expected = reference.task.verification_outputs(reference, texts, pairs)
+    with progress_label(f"verifying the export on {len(texts)} queries: {fmt}{'-' + quantize if quantize else ''}"):
+        got = exported.task.verification_outputs(exported, texts, pairs)
+    comparison = compare_outputs(expected, got, groups=texts if pairs is not None else None)
     verification = {"sample": sample_source, "num_queries": len(texts), "reference": "PyTorch run, unmerged",
                     "outputs": comparison}  # fmt: skip
     write_json_atomic(out / VERIFY_FILE, verification)

@@ -23,6 +23,7 @@ from datasets import Dataset, DatasetDict
 from transformers import AutoModel, EvalPrediction, Trainer
 
 from querytune.data import DataError
+from querytune.progress import progress
 from querytune.tasks.base import length_batches
 from querytune.tasks.ranking.common import RankingTask, ranking_metrics, write_rankings
 from querytune.tasks.ranking.data import first_query_texts, qrels
@@ -48,7 +49,7 @@ def embed_texts(model, tokenizer, texts: list[str], max_length: int, batch_size:
     model.eval()
     device = next(model.parameters()).device
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
-    for idx in length_batches([len(t) for t in texts], batch_size):
+    for idx in progress(list(length_batches([len(t) for t in texts], batch_size)), "embedding texts"):
         enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_length, padding=True,
                         return_tensors="pt").to(device)  # fmt: skip
         out[idx] = embed_batch(model, enc["input_ids"], enc["attention_mask"]).float().cpu().numpy()
