@@ -93,7 +93,11 @@ def read_stats(prefix: Path) -> list[dict[str, str]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", default=str(REPO / "runs/bench-clinc150/lora"), help="a finished intent run")
+    parser.add_argument(
+        "--run",
+        default=str(REPO / "runs/bench-clinc150/lora"),
+        help="a finished intent run (default: the CLINC150 LoRA run of benchmarks/clinc150_methods.py)",
+    )
     parser.add_argument("--data", default=None, help="dataset of the test queries (default: the run's own)")
     parser.add_argument("--duration", default="120s", help="locust's run time, e.g. 120s or 2m (default 120s)")
     parser.add_argument("--users", type=int, default=8, help="concurrent locust users (default 8)")
@@ -107,6 +111,8 @@ def main() -> int:
     from querytune.report import machine_description
 
     run = Path(args.run)
+    if not run.is_dir():
+        raise SystemExit(f"--run {run}: no such run directory (train one, e.g. with benchmarks/clinc150_methods.py)")
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load_before = os.getloadavg()[0]
     print(f"predicting {args.num_queries} test queries one by one for the expected labels ...", flush=True)
