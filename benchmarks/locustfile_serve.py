@@ -3,11 +3,13 @@
 Run by load_test.py as `python -m locust -f benchmarks/locustfile_serve.py --headless ...` (never imported by
 querytune or its tests: gevent patches the process that imports locust). Its inputs come from the environment:
 QT_LOAD_CASES (a JSON file: the run name, queries with the label `querytune predict` gives each, the server's
-limits) and QT_LOAD_OUT (where the outcome counts are written when the test stops).
+limits) and QT_LOAD_OUT (where this file's own record is written when the test stops).
 
-Every request is named by its kind, so locust's statistics (and its CSV) have one row per kind. A good request
-succeeds when it gets 200 and, for each of its queries in order, the query echoed back with the expected label; a
-bad one succeeds when it gets the status the API promises for it.
+Every request is named by its kind. A good request succeeds when it gets 200 and, for each of its queries in order,
+the query echoed back with the expected label; a bad one succeeds when it gets the status the API promises for it.
+The record counts, per kind, the requests sent (before each is sent), the outcomes and every response time: locust's
+own CSV statistics are written on a timer and can miss the last requests of a run, and the load test compares the
+counts exactly with the server's.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ EXPECTED: dict[str, str] = CASES["expected"]
 LIMITS: dict[str, int] = CASES["limits"]
 WAIT_S = float(os.environ.get("QT_LOAD_WAIT_S", "0"))
 OUTCOMES: Counter[str] = Counter()  # "<kind> <outcome>" -> count
+SENT: Counter[str] = Counter()  # kind -> requests sent
+LATENCY_MS: dict[str, list[float]] = {}  # kind -> the response time of every request that completed
 JSON = {"content-type": "application/json"}
 
 # Bad requests: kind -> (raw JSON body, the status the API must answer with)
@@ -49,6 +53,7 @@ class Client(HttpUser):
     @task(len(BAD))  # half of the requests are good, half are bad
     def good(self) -> None:
         queries = random.sample(QUERIES, random.randint(1, 4))
+        SENT["good"] += 1
         with self.client.post("/predict", data=json.dumps({"queries": queries, "runs": [RUN]}), headers=JSON,
                               name="good", catch_response=True) as response:  # fmt: skip
             if response.status_code != 200:
@@ -71,6 +76,7 @@ class Client(HttpUser):
     def bad(self) -> None:
         kind = random.choice(list(BAD))
         body, status = BAD[kind]
+        SENT[kind] += 1
         with self.client.post("/predict", data=body.encode(), headers=JSON, name=kind,
                               catch_response=True) as response:  # fmt: skip
             if response.status_code == status and "error" in response.json():
@@ -82,8 +88,9 @@ class Client(HttpUser):
 
 
 @events.request.add_listener
-def _count_transport_errors(request_type, name, response_time, response_length, response=None, exception=None,
+def _record(request_type, name, response_time, response_length, response=None, exception=None,
                             **kw) -> None:  # fmt: skip
+    LATENCY_MS.setdefault(name, []).append(response_time)
     if exception is not None and (response is None or response.status_code == 0):
         OUTCOMES[f"{name} no response"] += 1
 
@@ -91,4 +98,4 @@ def _count_transport_errors(request_type, name, response_time, response_length, 
 @events.test_stop.add_listener
 def _write_outcomes(environment, **kw) -> None:
     with open(os.environ["QT_LOAD_OUT"], "w") as fh:
-        json.dump(dict(OUTCOMES), fh, indent=2)
+        json.dump({"sent": dict(SENT), "outcomes": dict(OUTCOMES), "latency_ms": LATENCY_MS}, fh)

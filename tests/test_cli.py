@@ -377,7 +377,8 @@ def test_report_numbers_are_plain_and_sizes_on_log_axes():
     cost = {"trainable_percent": 0.05, "train_runtime_s": 1960.0, "train_samples_per_second": 51.2,
             "peak_memory_mb": 2100.0, "epochs": 1.0, "task": "intent", "method": "lora"}  # fmt: skip
     rows = [{"run": "lora", **cost, "model_size_mb": 0.4, "metrics": {"accuracy": 0.9}},
-            {"run": "full", **cost, "trainable_percent": 100.0, "model_size_mb": 87.0, "metrics": {"accuracy": 0.95}}]  # fmt: skip
+            {"run": "full", **cost, "trainable_percent": 100.0, "model_size_mb": 87.0,
+             "metrics": {"accuracy": 0.95}}]  # fmt: skip
     fig = comparison_figure(rows)
     scales = {ax.get_title(): ax.get_xscale() for ax in fig.axes}
     assert scales["model / adapter MB (log scale)"] == "log" and scales["trainable % (log scale)"] == "log"

@@ -401,8 +401,8 @@ class StandInRun:
 
     def __init__(self, fail_on: str | None = None, error: type[Exception] = ValueError, delay: float = 0.0) -> None:
         self.task = SimpleNamespace(request_inputs=(), default_top_k=3, labels=["even", "odd"])
-        self.config = SimpleNamespace(data=SimpleNamespace(task="intent"),
-                                      model=SimpleNamespace(model_name_or_path="/home/someone/models/bert"))  # fmt: skip
+        model = SimpleNamespace(model_name_or_path="/home/someone/models/bert")
+        self.config = SimpleNamespace(data=SimpleNamespace(task="intent"), model=model)
         self.info = {"base_model": "/home/someone/models/bert", "metrics": {"test_accuracy": 0.5}}
         self.method, self.format, self.merged = "full", "pytorch", False
         self.fail_on, self.error, self.delay = fail_on, error, delay

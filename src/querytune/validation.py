@@ -9,9 +9,10 @@ from __future__ import annotations
 def query_problem(text: str, max_chars: int | None = None) -> str | None:
     """What is wrong with one query or candidate text ("is empty", ...), or None when it can be scored.
 
-    Refused: empty or whitespace-only text; text with no printable character (only whitespace, control or zero-width characters such
-    as U+200B or U+FEFF, which tokenizers turn into nothing or [UNK]); text that is not valid Unicode (a lone
-    surrogate such as "\\ud800", which JSON allows but UTF-8 cannot encode); text longer than `max_chars`.
+    Refused: empty or whitespace-only text; text with no printable character (only whitespace, control or
+    zero-width characters such as U+200B or U+FEFF, which tokenizers turn into nothing or [UNK]); text that is not
+    valid Unicode (a lone surrogate such as "\\ud800", which JSON allows but UTF-8 cannot encode); text longer than
+    `max_chars`.
     """
     if not text.strip():
         return "is empty"
