@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
 from querytune.config import ConfigError, load_config
+from querytune.methods import get_method, method_names
+from querytune.methods.registry import options_of_other_methods
 
 from .conftest import REPO
 
@@ -101,3 +104,97 @@ def test_every_experiment_file_parses(path):
     config = load_config(path)
     assert config.method.method
     assert Path(config.training.output_dir).name  # every experiment names its run directory
+
+
+# --- switching method from the command line (a sweep passes flags the same way)
+QUICKSTART = REPO / "experiments" / "quickstart.yaml"
+QUICKSTART_LORA = ("lora_r", "lora_alpha", "lora_target_modules")  # what the quickstart sets for its LoRA
+
+
+@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("form", ["--method X", "--method=X"])
+def test_method_on_the_command_line_drops_the_files_options_of_another_method(method, form, caplog):
+    """`--method X` over the quickstart (a LoRA file) parses for every method: the file's LoRA options that X does not
+    own are dropped with one notice naming them; those X owns (AdaLoRA's lora_*) are kept."""
+    flags = ["--method", method] if form == "--method X" else [f"--method={method}"]
+    with caplog.at_level(logging.WARNING, logger="querytune.config"):
+        config = load_config(QUICKSTART, flags)
+    assert config.method.method == method
+    assert options_of_other_methods(config.method) == []
+    owned = set(get_method(method).options)
+    dropped = [k for k in QUICKSTART_LORA if k not in owned]
+    notices = [r.getMessage() for r in caplog.records if "--method" in r.getMessage()]
+    if dropped:
+        assert len(notices) == 1 and "\n" not in notices[0], notices
+        assert notices[0].endswith(": " + ", ".join(dropped)) and str(QUICKSTART) in notices[0]
+        assert all(getattr(config.method, k) is None for k in dropped)
+    else:
+        assert notices == []
+        assert config.method.lora_r == 8 and config.method.lora_target_modules == ["query", "key", "value", "dense"]
+
+
+def test_an_option_of_another_method_on_the_command_line_stays_an_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"^command line: lora_r is set but method is 'ia3' \(lora_r is for lora"):
+        load_config(QUICKSTART, ["--method", "ia3", "--lora_r", "4"])
+    with pytest.raises(ConfigError, match=r"^command line: prefix_num_virtual_tokens is set but method is 'lora'"):
+        load_config(QUICKSTART, ["--prefix_num_virtual_tokens", "8"])
+    # the file's own mistake still names the file
+    with pytest.raises(ConfigError, match=r"exp\.yaml: lora_r is set but method is 'prefix'"):
+        load_config(write(tmp_path, BASE + "method: prefix\nlora_r: 8\n"), [])
+    # nulling another method's option on the command line is no error: it sets nothing
+    assert load_config(QUICKSTART, ["--method", "ia3", "--lora_r", "null"]).method.lora_r is None
+
+
+# --- the command line: --config, key=value, accelerate flags, help text with '%'
+def test_config_flag_is_the_experiment_file(tmp_path):
+    path = write(tmp_path, BASE + "learning_rate: 1.0e-3\n")
+    assert load_config(None, ["--config", str(path), "--seed", "3"]).training.seed == 3
+    assert load_config(None, [f"--config={path}"]).training.learning_rate == pytest.approx(1e-3)
+    assert load_config(None, ["--config", str(path)]).training.output_dir == "runs/exp"
+    with pytest.raises(ConfigError, match="the experiment file is given twice"):
+        load_config(path, ["--config", str(path)])
+    with pytest.raises(ConfigError, match="--config needs an experiment file"):
+        load_config(None, ["--config"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["learning_rate=3e-4"], r"command line: 'learning_rate=3e-4' is not a flag; write --learning_rate 3e-4$"),
+        (["--seed", "1", "lora_target_modules=query"], r"write --lora_target_modules query$"),
+        (["output_dir="], r"write --output_dir VALUE$"),
+        (["--num_processes", "2"], r"--num_processes is an `accelerate launch` option.*put it before `-m`"),
+        (["--config_file", "accelerate_configs/multi_gpu.yaml"], r"--config_file is an `accelerate launch` option"),
+        (["--mixed_precision", "bf16"], r"--mixed_precision is an `accelerate launch` option.*before `-m`"),
+        (["--multi_gpu"], r"--multi_gpu is an `accelerate launch` option"),
+        (["--num_processes=2"], r"--num_processes is an `accelerate launch` option"),
+        (["stray"], r"unexpected argument 'stray'"),
+    ],
+)
+def test_misplaced_arguments_say_what_to_write(tmp_path, overrides, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(write(tmp_path, BASE), overrides)
+
+
+def test_a_key_value_in_place_of_the_file_says_to_write_a_flag():
+    with pytest.raises(ConfigError, match=r"'seed=3' is not a flag; write --seed 3 after the experiment file"):
+        load_config("seed=3", [])
+
+
+def test_help_texts_with_a_percent_sign_render():
+    """`querytune train --help` failed with `TypeError: %o format` on "% of queries held out" in a help text."""
+    from querytune.config import _RaisingParser, sections
+
+    text = _RaisingParser(sections()).format_help()
+    assert "% of queries held out as test" in text and "--unseen_labels" in text
+
+
+# --- unseen_labels and split names are checked like every key
+def test_unseen_labels_and_split_names_are_checked(tmp_path):
+    assert load_config(write(tmp_path, BASE)).data.unseen_labels == "error"
+    assert load_config(write(tmp_path, BASE + "unseen_labels: as_wrong\n")).data.unseen_labels == "as_wrong"
+    with pytest.raises(ConfigError, match=r"unseen_labels must be one of \('error', 'as_wrong', 'drop'\), got 'skip'"):
+        load_config(write(tmp_path, BASE), ["--unseen_labels", "skip"])
+    for bad in ("../x", "a/b", "..", "a\\b"):
+        with pytest.raises(ConfigError, match="test_split must be a plain split name"):
+            load_config(write(tmp_path, BASE), ["--test_split", bad])

@@ -1,17 +1,25 @@
 """`querytune serve` as a real server on loopback (a subprocess on a free port), called over HTTP with httpx:
-predictions from a run, its ONNX export and a joint slot run; micro-batching seen in /metrics; bad input; 503 when
-the queue is full; graceful shutdown that answers the request in flight."""
+predictions from a run, its ONNX export and a joint slot run; micro-batching seen in /metrics; bad input (strict
+types, unknown fields, unprintable queries, a lone surrogate among concurrent good requests, bodies over the limit);
+the API key; 503 when the queue is full; 504 on timeout; graceful shutdown that answers the request in flight; a
+schemathesis fuzz of the live server from its own OpenAPI schema. The batching and failure isolation of the app
+itself are also tested in-process, on a stand-in run whose model call fails on chosen queries."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -33,10 +41,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(args: list[str], log: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     """`python -m querytune serve ARGS` on a free loopback port; returns once /health answers."""
     port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           **(env or {})}  # fmt: skip
     fh = log.open("w")
     proc = subprocess.Popen([sys.executable, "-m", "querytune", "serve", *args, "--port", str(port), "--threads", "1"],
                             stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)  # fmt: skip
@@ -93,17 +102,46 @@ def server(runs, tmp_path_factory):
     assert stop_server(proc) == 0, log.read_text()[-3000:]
 
 
+def post(url: str, body: object, **kw) -> httpx.Response:
+    """POST a JSON body as a client may: `json.dumps` escapes a lone surrogate ("\\ud800"), which JSON allows."""
+    headers = {"content-type": "application/json", **kw.pop("headers", {})}
+    return httpx.post(url, content=json.dumps(body), headers=headers, **kw)
+
+
 def test_health_and_metadata(server, runs):
     health = httpx.get(f"{server}/health").json()
     assert health == {"status": "ok", "runs": ["intent", "onnx", "joint"], "pending_requests": 0}
     meta = httpx.get(f"{server}/metadata").json()
     assert set(meta["runs"]) == {"intent", "onnx", "joint"} and meta["limits"]["max_queries_per_request"] == 8
+    assert meta["limits"]["max_body_bytes"] == 1 << 20 and meta["limits"]["timeout_s"] == 30
     intent, onnx, joint = meta["runs"]["intent"], meta["runs"]["onnx"], meta["runs"]["joint"]
     assert intent["method"] == "lora" and intent["format"] == "pytorch" and intent["merged"] is True
     assert onnx["format"] == "onnx" and onnx["task"] == "intent" and onnx["base_model"] == intent["base_model"]
     assert intent["labels"] == onnx["labels"] == ["order_status", "product_search", "return_refund", "store_locator"]
     assert "test_accuracy" in intent["metrics"] and intent["metrics"] == onnx["metrics"]
     assert joint["task"] == "intent_slots" and "B-brand" in joint["labels"] and "order_status" in joint["intents"]
+    assert intent["takes_candidates"] is False and meta["api_key_required"] is False
+
+
+def test_metadata_shows_no_path_of_the_serving_machine(server, runs):
+    """Run directories and the base model's local folder are names only (the tiny model lives under /tmp)."""
+    text = httpx.get(f"{server}/metadata").text
+    strings: list[str] = []
+
+    def walk(value: object) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                strings.append(k)
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+        elif isinstance(value, str):
+            strings.append(value)
+
+    walk(json.loads(text))
+    assert not [s for s in strings if s.startswith("/") or os.sep + "tmp" in s or str(runs["intent"].parent) in s]
+    assert str(runs["intent"]) not in text and "pytest" not in text
 
 
 def test_predict_matches_each_runs_own_predict(server, runs):
@@ -160,12 +198,107 @@ def test_concurrent_requests_are_micro_batched(server):
         ({"queries": ["cheap shoes"], "top_k": 0}, 422, "invalid request: body.top_k"),
         ({"queries": ["cheap shoes"], "runs": ["nope"]}, 404, "unknown run(s) ['nope']"),
         ({}, 422, "invalid request: body.queries: Field required"),
+        # strict types: no coercion of a string, a boolean or a float into top_k
+        ({"queries": ["cheap shoes"], "top_k": "3"}, 422, "body.top_k: Input should be a valid integer"),
+        ({"queries": ["cheap shoes"], "top_k": True}, 422, "body.top_k: Input should be a valid integer"),
+        ({"queries": ["cheap shoes"], "top_k": 2.0}, 422, "body.top_k: Input should be a valid integer"),
+        ({"queries": ["cheap shoes"], "top_k": 51}, 422, "body.top_k"),
+        ({"queries": [3]}, 422, "body.queries.0: Input should be a valid string"),
+        ({"queries": ["cheap shoes"], "topk": 3}, 422, "body.topk: Extra inputs are not permitted"),
+        ({"queries": ["cheap shoes"], "candidates": ["red shoes"]}, 422, "take no candidates (task intent)"),
+        # nothing printable: control characters, zero-width characters, a lone surrogate
+        ({"queries": ["ok", "\x00\x07\x1b"]}, 422, "query 1 has no printable character"),
+        ({"queries": ["\u200b\u200c\ufeff "]}, 422, "query 0 has no printable character"),
+        ({"queries": ["\ud800"]}, 422, "query 0 is not valid text: it holds a lone surrogate (U+D800)"),
     ],
 )
 def test_bad_input_gets_a_clear_4xx(server, body, status, message):
-    response = httpx.post(f"{server}/predict", json=body)
+    response = post(f"{server}/predict", body)
     assert response.status_code == status and message in response.json()["error"], response.text
     assert httpx.get(f"{server}/health").json()["status"] == "ok"
+
+
+def test_a_bad_query_among_concurrent_good_ones_fails_alone(server, runs):
+    """12 concurrent good requests and one holding a lone surrogate, in one batching window (50 ms): the 12 get their
+    own right answers, the bad one a 422. (Before, the tokenizer's error failed the whole batch: 12 x 500.)"""
+    good = [f"track package {i}" for i in range(12)]
+    expected = {r["query"]: r["label"] for r in LoadedRun(runs["intent"]).predict(good)}
+
+    async def fire() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server, timeout=60) as client:
+            bodies = [{"queries": [q], "runs": ["intent"]} for q in good]
+            bodies.insert(6, {"queries": ["track \ud800 package"], "runs": ["intent"]})
+            return await asyncio.gather(*(client.post("/predict", content=json.dumps(b),
+                                                      headers={"content-type": "application/json"})
+                                          for b in bodies))  # fmt: skip
+
+    for _ in range(3):  # the failure was systematic: 3 out of 3
+        responses = asyncio.run(fire())
+        bad = responses.pop(6)
+        assert bad.status_code == 422 and "lone surrogate" in bad.json()["error"], bad.text
+        assert [r.status_code for r in responses] == [200] * 12
+        for query, response in zip(good, responses, strict=True):
+            result = response.json()["results"][0]
+            assert result["query"] == query and result["predictions"]["intent"]["label"] == expected[query]
+
+
+def _raw_http(url: str, payload: bytes, timeout: float = 20) -> bytes:
+    """Send raw bytes to the server and read what comes back until it closes the connection or `timeout`."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(payload)
+        chunks = []
+        with contextlib.suppress(TimeoutError, ConnectionResetError):
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+                if b"\r\n\r\n" in b"".join(chunks) and len(b"".join(chunks)) > 200:
+                    break
+    return b"".join(chunks)
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(server):
+    """A 60 MB Content-Length is refused at once, with only a byte of the body sent: the server never waits for the
+    rest. A chunked body (no length) is refused as soon as it passes the limit."""
+    start = time.monotonic()
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 60000000\r\n\r\n{"
+    answer = _raw_http(server, head)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
+    assert b"request body too large: more than 1048576 bytes" in answer and time.monotonic() - start < 10
+    chunk = b"x" * 65536
+    chunked = (
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    chunked += b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(17))  # 1.06 MiB, no final chunk
+    answer = _raw_http(server, chunked)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
+    small = json.dumps({"queries": ["cheap shoes"], "runs": ["intent"]}).encode()
+    ok = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+    ok += b"Connection: close\r\n\r\n" + b"%x\r\n%s\r\n0\r\n\r\n" % (len(small), small)
+    assert _raw_http(server, ok).startswith(b"HTTP/1.1 200"), "a small chunked body is read and answered"
+    assert httpx.get(f"{server}/health").json()["status"] == "ok"
+
+
+def test_fuzz_the_live_server_from_its_openapi_schema(server, tmp_path):
+    """schemathesis generates requests from the server's own OpenAPI schema (valid and invalid bodies, edge values):
+    no response may be a 5xx or break the schema. Bounded: 40 examples per operation, one worker, a 6-minute cap."""
+    pytest.importorskip("schemathesis")
+    schemathesis = shutil.which("schemathesis") or str(Path(sys.executable).parent / "schemathesis")
+    before = httpx.get(f"{server}/metrics").text
+    proc = subprocess.run(
+        [schemathesis, "run", f"{server}/openapi.json", "--checks", "not_a_server_error,response_schema_conformance",
+         "--max-examples", "40", "--workers", "1", "--seed", "42", "--request-timeout", "30", "--wait-for-schema",
+         "30", "--generation-database", "none", "--no-color", "--suppress-health-check", "all"],
+        capture_output=True, text=True, timeout=360, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert "Tested: 4" in proc.stdout and "No issues found" in proc.stdout, proc.stdout[-3000:]
+    after = httpx.get(f"{server}/metrics").text
+    answered = _metric(after, 'querytune_requests_total{endpoint="/predict",status="200"}') - _metric(
+        before, 'querytune_requests_total{endpoint="/predict",status="200"}')  # fmt: skip
+    assert answered > 10, "the fuzzer's valid requests should reach the models and be answered"
+    assert not [
+        line for line in after.splitlines() if line.startswith("querytune_requests_total") and 'status="5' in line
+    ]
 
 
 def test_malformed_json_is_a_4xx(server):
@@ -232,3 +365,116 @@ def test_rerank_run_ranks_each_requests_candidates(tmp_path, ranking_bert, ranki
         assert httpx.get(f"{url}/health").json()["status"] == "ok"
     finally:
         assert stop_server(proc) == 0
+
+
+def test_api_key_timeout_and_limits_from_the_command_line(runs, tmp_path):
+    """`serve --api_key_env NAME --max_body_bytes N --timeout_s S`: 401 without the key (constant-time compare of
+    'Authorization: Bearer' or 'X-API-Key'), /health open; 413 over the body limit; 504 when a request waits longer
+    than the timeout (a 2 s batching window against a 0.5 s timeout)."""
+    args = [f"intent={runs['intent']}", "--api_key_env", "QT_TEST_KEY", "--max_body_bytes", "300", "--timeout_s",
+            "0.5", "--max_wait_ms", "2000"]  # fmt: skip
+    proc, url = start_server(args, tmp_path / "log", env={"QT_TEST_KEY": "s3cret-key"})
+    try:
+        body = {"queries": ["cheap shoes"]}
+        assert post(f"{url}/predict", body).status_code == 401
+        wrong = post(f"{url}/predict", body, headers={"authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and "API key" in wrong.json()["error"]
+        assert wrong.headers["www-authenticate"] == "Bearer"
+        assert httpx.get(f"{url}/metadata").status_code == 401 and httpx.get(f"{url}/metrics").status_code == 401
+        assert httpx.get(f"{url}/health").status_code == 200
+        for headers in ({"authorization": "Bearer s3cret-key"}, {"x-api-key": "s3cret-key"}):
+            meta = httpx.get(f"{url}/metadata", headers=headers)
+            assert meta.status_code == 200 and meta.json()["api_key_required"] is True
+            assert "s3cret" not in meta.text
+            slow = httpx.post(f"{url}/predict", json=body, headers=headers, timeout=30)
+            assert slow.status_code == 504 and "not answered within 0.5 s" in slow.json()["error"]
+        big = httpx.post(f"{url}/predict", json={"queries": ["x" * 400]}, headers={"x-api-key": "s3cret-key"})
+        assert big.status_code == 413 and "more than 300 bytes" in big.json()["error"]
+    finally:
+        assert stop_server(proc) == 0
+    assert main(["serve", str(runs["intent"]), "--api_key_env", "QT_UNSET_KEY_VARIABLE"]) == 2
+
+
+# --- the app in-process, on a stand-in run: batching and failure isolation, 500 bodies
+class StandInRun:
+    """What the app needs of a loaded run; its model call fails on queries holding `fail_on` with `error`."""
+
+    def __init__(self, fail_on: str | None = None, error: type[Exception] = ValueError, delay: float = 0.0) -> None:
+        self.task = SimpleNamespace(request_inputs=(), default_top_k=3, labels=["even", "odd"])
+        model = SimpleNamespace(model_name_or_path="/home/someone/models/bert")
+        self.config = SimpleNamespace(data=SimpleNamespace(task="intent"), model=model)
+        self.info = {"base_model": "/home/someone/models/bert", "metrics": {"test_accuracy": 0.5}}
+        self.method, self.format, self.merged = "full", "pytorch", False
+        self.fail_on, self.error, self.delay = fail_on, error, delay
+        self.calls: list[list[str]] = []
+
+    def predict(self, texts: list[str], top_k: int | None = None, batch_size: int = 64) -> list[dict]:
+        self.calls.append(list(texts))
+        time.sleep(self.delay)
+        if self.fail_on and any(self.fail_on in t for t in texts):
+            raise self.error(f"internal detail /srv/secret {self.fail_on}")
+        return [{"query": t, "label": ["even", "odd"][len(t) % 2], "score": 1.0, "top_k": []} for t in texts]
+
+
+@contextlib.contextmanager
+def live_app(runs: dict, **settings):
+    """The app over stand-in runs, served by uvicorn in a thread on a free loopback port."""
+    import uvicorn
+
+    from querytune.serving.api import ServeSettings, create_app
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(runs, ServeSettings(**settings)), host="127.0.0.1", port=port,
+                                           log_level="warning"))  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+async def _fire(url: str, queries: list[str]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        return await asyncio.gather(*(client.post("/predict", json={"queries": [q]}) for q in queries))
+
+
+@pytest.mark.parametrize(("error", "status"), [(ValueError, 422), (TypeError, 422), (RuntimeError, 500)])
+def test_a_failing_batch_is_rescored_request_by_request(error, status):
+    """The model call of a batch raises because of one request: every request is scored again alone, the good ones
+    are answered, and only the bad one fails: 422 for an input error (with the error's message: a task's ValueError
+    says what the request lacks), 500 for anything else, with no exception text."""
+    run = StandInRun(fail_on="boom", error=error)
+    queries = [f"query number {i}" for i in range(12)]
+    queries.insert(5, "boom here")
+    with live_app({"m": run}, max_wait_ms=300) as url:
+        responses = asyncio.run(_fire(url, queries))
+        metrics = httpx.get(f"{url}/metrics").text
+    bad = responses.pop(5)
+    assert bad.status_code == status
+    if status == 500:
+        assert bad.json() == {"error": "internal error while scoring the request (see the server log)"}
+    else:
+        assert bad.json()["error"].startswith("the request could not be scored: internal detail")
+    assert [r.status_code for r in responses] == [200] * 12
+    for q, r in zip([q for q in queries if q != "boom here"], responses, strict=True):
+        assert r.json()["results"][0] == {"query": q, "predictions": {"m": {"label": ["even", "odd"][len(q) % 2],
+                                                                           "score": 1.0, "top_k": []}}}  # fmt: skip
+    assert max(len(c) for c in run.calls) > 1, "the requests were never batched"
+    assert sum(1 for c in run.calls if c == ["boom here"]) == 1, "the bad request was not scored alone"
+    assert 'querytune_batch_retries_total{run="m"}' in metrics
+
+
+def test_stand_in_metadata_and_timeouts():
+    run = StandInRun(delay=1.0)
+    with live_app({"m": run}, timeout_s=0.2) as url:
+        meta = httpx.get(f"{url}/metadata").json()
+        assert meta["runs"]["m"]["base_model"] == "bert" and "/home" not in json.dumps(meta)
+        slow = httpx.post(f"{url}/predict", json={"queries": ["a"]})
+        assert slow.status_code == 504
+        time.sleep(1.2)  # the model call finishes after its client has gone: nothing breaks
+        assert httpx.get(f"{url}/health").json() == {"status": "ok", "runs": ["m"], "pending_requests": 0}

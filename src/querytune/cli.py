@@ -1,6 +1,6 @@
 """The `querytune` command: train, predict and eval.
 
-querytune train EXPERIMENT.yaml [--key value ...]
+querytune train EXPERIMENT.yaml [--key value ...]    # or: querytune train --config EXPERIMENT.yaml ...
 querytune predict RUN_DIR "where is my package" "cheap running shoes size 10"
 querytune predict RUN_DIR --file queries.txt      # or: cat queries.txt | querytune predict RUN_DIR
 querytune predict RERANK_RUN "angle bracket" --candidates "Simpson 12-Gauge Angle" "Deck Coating"  # or --candidates_file
@@ -8,46 +8,113 @@ querytune predict RETRIEVAL_RUN "angle bracket" --top_k 10 [--catalogue titles.c
 querytune eval RUN_DIR --dataset_name PATH_OR_HUB_ID [--split test] [--label_column intent]
 querytune export RUN_DIR --format merged|onnx [--quantize int8]
 querytune serve RUN_OR_EXPORT_DIR... [--host 127.0.0.1 --port 8000]
+querytune sweep SWEEP.yaml --trials 8 | report RUN... | push RUN_DIR --repo-id ORG/NAME
+
+`querytune COMMAND --help` lists each command's options; `querytune train --help` lists every experiment key.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from querytune.errors import ConfigError, RunError, run_guarded
-from querytune.runs import write_json_atomic
+from querytune.validation import query_problem
+
+logger = logging.getLogger("querytune")
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send whatever is printed to stdout (by querytune or a library, from Python or C) to stderr for the block.
+
+    `predict`, `eval` and `export` print their results to stdout after the block, so that stdout holds only those
+    results whatever the environment: with WANDB_MODE=offline, transformers prints "[INFO] Running in WANDB
+    offline mode" to stdout when it is imported, which broke `querytune predict ... | jq`.
+    """
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no file descriptor 1 (an embedding interpreter): redirect Python's stdout only
+        saved = None
+    if saved is not None:
+        os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a batch size, a count), so 0 or -1 is a clear usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
 
 
 def _read_queries(args: argparse.Namespace) -> list[str]:
-    queries = list(args.queries)
+    """Queries from the arguments, --file and stdin (blank lines of a file or stdin are skipped); each is checked as
+    the server checks it: an empty, whitespace-only or unprintable query is an error naming it."""
+    queries = [(f"query {i + 1}", q) for i, q in enumerate(args.queries)]
     if args.file:
         path = Path(args.file)
         if not path.is_file():
             raise FileNotFoundError(f"query file not found: {path}")
-        queries += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        lines = path.read_text().splitlines()
+        queries += [(f"{path} line {n}", line.strip()) for n, line in enumerate(lines, 1) if line.strip()]
     if not queries and not sys.stdin.isatty():
-        queries = [line.strip() for line in sys.stdin if line.strip()]
+        queries = [(f"stdin line {n}", line.strip()) for n, line in enumerate(sys.stdin, 1) if line.strip()]
     if not queries:
         raise ValueError("no queries: pass them as arguments, with --file, or on stdin")
-    return queries
+    for where, text in queries:
+        problem = query_problem(text)
+        if problem:
+            raise ValueError(f"{where} {problem}: every query needs a printable character")
+    return [text for _, text in queries]
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from querytune.inference import LoadedRun
-
     candidates = _read_candidates(args)
     queries = _read_queries(args)
-    loaded = LoadedRun(args.run_dir, merge=not args.no_merge, allow_status=args.allow_status)
-    given = {name: value for name, value in (("candidates", candidates), ("catalogue", args.catalogue)) if value}
-    unused = [name for name in given if name not in loaded.task.request_inputs]
-    if unused:
-        flags = " / ".join(f"--{n}" + (" / --candidates_file" if n == "candidates" else "") for n in unused)
-        raise ValueError(f"{flags}: not used by a {loaded.config.data.task} run")
-    results = loaded.predict(queries, top_k=args.top_k, batch_size=args.batch_size, **given)
+    with stdout_to_stderr():
+        from querytune.inference import LoadedRun
+
+        loaded = LoadedRun(args.run_dir, merge=not args.no_merge, trust_remote_code=args.trust_remote_code,
+                           allow_status=args.allow_status)  # fmt: skip
+        given = {name: value for name, value in (("candidates", candidates), ("catalogue", args.catalogue)) if value}
+        unused = [name for name in given if name not in loaded.task.request_inputs]
+        if unused:
+            flags = " / ".join(f"--{n}" + (" / --candidates_file" if n == "candidates" else "") for n in unused)
+            raise ValueError(f"{flags}: not used by a {loaded.config.data.task} run")
+        truncated = loaded.count_truncated(queries)
+        if truncated:
+            logger.warning("%d of %d queries are longer than max_seq_length (%d tokens): their end is cut before "
+                           "scoring", truncated, len(queries), loaded.config.model.max_seq_length)  # fmt: skip
+        results = loaded.predict(queries, top_k=args.top_k, batch_size=args.batch_size, **given)
     for result in results:
         print(json.dumps(result, ensure_ascii=False))
     return 0
@@ -63,18 +130,35 @@ def _read_candidates(args: argparse.Namespace) -> list[str] | None:
         if not path.is_file():
             raise FileNotFoundError(f"candidates file not found: {path}")
         candidates += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    for i, text in enumerate(candidates):
+        problem = query_problem(text)
+        if problem:
+            raise ValueError(f"candidate {i + 1} {problem}")
     return candidates or None
 
 
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     """Re-score a saved run on any split of any dataset with the run's own label map."""
+    with stdout_to_stderr():
+        result = _evaluate(args, overrides)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace, overrides: list[str]) -> dict:
     import dataclasses
 
-    from querytune.config import DataArguments, load_config
+    from querytune.config import DataArguments, check_split_name, load_config
     from querytune.inference import LoadedRun
+    from querytune.runs import write_json_atomic
     from querytune.tasks import arguments_of
 
-    loaded = LoadedRun(args.run_dir, merge=not args.no_merge, allow_status=args.allow_status)
+    try:  # the split names a folder under the run directory: a plain name only (`--split ../x` is refused)
+        check_split_name(args.split, "--split")
+    except ValueError as err:
+        raise ConfigError(f"command line: {err}") from None
+    loaded = LoadedRun(args.run_dir, merge=not args.no_merge, trust_remote_code=args.trust_remote_code,
+                       allow_status=args.allow_status)  # fmt: skip
     task_args = arguments_of(loaded.config.data.task)
     data_keys = {f.name for cls in (DataArguments, task_args) if cls for f in dataclasses.fields(cls)}
     for tok in overrides:
@@ -83,6 +167,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
             raise ConfigError(f"command line: querytune eval takes data keys only; {key!r} is not one")
     # Re-parse the run's resolved config with the data overrides, so every value is checked as in training.
     config = load_config(Path(args.run_dir) / "querytune_config.yaml", overrides)
+    config.model.trust_remote_code = loaded.trust_remote_code  # never the saved value (see LoadedRun)
     sources = ("dataset_name", "dataset_config_name", "train_file", "validation_file", "test_file")
     given = {tok[2:].split("=")[0] for tok in overrides if tok.startswith("--")}
     if given & set(sources):  # a new dataset: forget the training run's files
@@ -95,8 +180,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     metrics = loaded.task.evaluate(loaded, args.split, out_dir, batch_size=args.batch_size)
     result = {"dataset": config.data.dataset_name or config.data.train_file, "split": args.split, **metrics}
     write_json_atomic(out_dir / "metrics.json", result)
-    print(json.dumps(result, indent=2))
-    return 0
+    return result
 
 
 def cmd_push(args: argparse.Namespace) -> int:
@@ -119,12 +203,14 @@ def cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Compare finished runs: a Markdown table and a PNG chart (unfinished directories are skipped, with a note)."""
-    from querytune.report import machine_description, markdown_table, plot_runs, run_row
+    from querytune.report import machine_description, markdown_table, plot_runs, run_labels, run_row
 
     rows = []
+    labels = run_labels(args.runs)
     for run_dir in args.runs:
         try:
-            rows.append(run_row(run_dir, metric_prefix=args.split, allow_status=args.allow_status))
+            rows.append(run_row(run_dir, metric_prefix=args.split, label=labels[str(run_dir)],
+                                allow_status=args.allow_status))  # fmt: skip
         except RunError as err:
             print(f"querytune: skipping {run_dir}: {err}", file=sys.stderr)
     if not rows:
@@ -142,12 +228,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a finished run (merged PyTorch, or ONNX fp32/int8), verified against the PyTorch run."""
-    from querytune.serving.export import export_run
+    with stdout_to_stderr():
+        from querytune.serving.export import export_run
 
-    info = export_run(args.run_dir, fmt=args.format, quantize=args.quantize, output_dir=args.output_dir,
-                      overwrite=args.overwrite, verify_samples=args.verify_samples, verify_file=args.verify_file,
-                      opset=args.opset, exporter=args.exporter, optimize=not args.no_optimize,
-                      quantization=args.quantization, allow_status=args.allow_status)  # fmt: skip
+        info = export_run(args.run_dir, fmt=args.format, quantize=args.quantize, output_dir=args.output_dir,
+                          overwrite=args.overwrite, verify_samples=args.verify_samples, verify_file=args.verify_file,
+                          opset=args.opset, exporter=args.exporter, optimize=not args.no_optimize,
+                          quantization=args.quantization, allow_status=args.allow_status,
+                          trust_remote_code=args.trust_remote_code)  # fmt: skip
     print(f"{info['merge_note']}; exported to {info['export_dir']}", file=sys.stderr)
     print(json.dumps({"export_dir": info["export_dir"], **info["verification"]}, indent=2))
     return 0
@@ -157,12 +245,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve runs and exports over HTTP until SIGINT/SIGTERM."""
     from querytune.serving.api import ServeSettings, serve
 
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env, "")
+        if not api_key.strip():
+            raise ConfigError(f"--api_key_env {args.api_key_env}: the environment variable is unset or empty")
     settings = ServeSettings(max_batch=args.max_batch, model_batch_size=args.model_batch_size,
-                             max_wait_ms=args.max_wait_ms, max_queries_per_request=args.max_queries, max_query_chars=args.max_query_chars,
-                             max_pending=args.max_pending)  # fmt: skip
+                             max_wait_ms=args.max_wait_ms,
+                             max_queries_per_request=args.max_queries, max_query_chars=args.max_query_chars,
+                             max_pending=args.max_pending, max_body_bytes=args.max_body_bytes,
+                             timeout_s=args.timeout_s, api_key=api_key)  # fmt: skip
     serve(args.runs, host=args.host, port=args.port, settings=settings, threads=args.threads,
-          allow_status=args.allow_status)  # fmt: skip
+          trust_remote_code=args.trust_remote_code, allow_status=args.allow_status)  # fmt: skip
     return 0
+
+
+TRUST_HELP = ("run the base model's custom code from the Hub; a run's saved trust_remote_code: true is ignored "
+              "without this flag")  # fmt: skip
 
 
 def _allow_status(parser: argparse.ArgumentParser) -> None:
@@ -179,40 +278,46 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="querytune", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    # `train` parses its own flags (every experiment key); main() hands it the rest of the command line.
     train = sub.add_parser(
-        "train", help="train an experiment (flags after the file override its keys)", add_help=False
+        "train", help="train an experiment (flags after the file override its keys; --help lists them)", add_help=False
     )
     train.add_argument("rest", nargs=argparse.REMAINDER)
 
-    predict = sub.add_parser("predict", help="label queries with a finished run")
+    predict = sub.add_parser("predict", help="label queries with a finished run (one JSON line per query)")
     predict.add_argument("run_dir")
     predict.add_argument("queries", nargs="*", help="queries (or use --file / stdin)")
     predict.add_argument("--file", help="a text file with one query per line")
     predict.add_argument(
         "--top_k",
         "--top-k",
-        type=int,
+        type=positive_int,
         default=None,
         help="labels per query (default 3); rerank: candidates shown (default all); retrieval: hits (10)",
     )
-    predict.add_argument("--batch_size", "--batch-size", type=int, default=64)
+    predict.add_argument("--batch_size", "--batch-size", type=positive_int, default=64, help="queries per model call")
     predict.add_argument("--no_merge", "--no-merge", action="store_true", help="keep the adapter unmerged")
     predict.add_argument("--candidates", nargs="+", help="rerank: the documents to rank for the query")
     predict.add_argument("--candidates_file", "--candidates-file", help="rerank: one document per line ('-': stdin)")
     predict.add_argument("--catalogue", help="retrieval: a catalogue file to search (default: the run's dataset)")
     _allow_status(predict)
+    predict.add_argument("--trust_remote_code", "--trust-remote-code", action="store_true", help=TRUST_HELP)
 
     ev = sub.add_parser("eval", help="re-score a finished run on a dataset split (data keys as flags)")
     ev.add_argument("run_dir")
-    ev.add_argument("--split", default="test", help="the split to score (default test)")
-    ev.add_argument("--batch_size", "--batch-size", type=int, default=64)
-    ev.add_argument("--no_merge", "--no-merge", action="store_true")
+    ev.add_argument("--split", default="test", help="the split to score (default test; a plain split name)")
+    ev.add_argument("--batch_size", "--batch-size", type=positive_int, default=64, help="queries per model call")
+    ev.add_argument("--no_merge", "--no-merge", action="store_true", help="keep the adapter unmerged")
     _allow_status(ev)
+    ev.add_argument("--trust_remote_code", "--trust-remote-code", action="store_true", help=TRUST_HELP)
+    ev.epilog = ("Data keys of the experiment (e.g. --dataset_name, --label_column, --unseen_labels as_wrong) "
+                 "override the run's saved config.")  # fmt: skip
+
     sweep = sub.add_parser("sweep", help="run a W&B sweep file offline with Optuna (extra flags go to every trial)")
     sweep.add_argument("sweep_file")
-    sweep.add_argument("--trials", type=int, default=8)
+    sweep.add_argument("--trials", type=positive_int, default=8)
     sweep.add_argument("--sweep_dir", "--sweep-dir", dest="output_dir", default=None, help="default runs/sweep-<name>")
     sweep.add_argument("--sweep_seed", "--sweep-seed", dest="seed", type=int, default=0, help="sampler seed")
     sweep.add_argument("--resume", action="store_true", help="continue the sweep in --sweep_dir")
@@ -238,9 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--quantize", choices=["int8"], default=None, help="ONNX only: int8 (see --quantization)")
     export.add_argument("--output_dir", "--output-dir", default=None, help="default RUN_DIR/exports/FORMAT[-int8]")
     export.add_argument("--overwrite", action="store_true", help="replace a finished export")
-    export.add_argument("--verify_samples", "--verify-samples", type=int, default=256)
+    export.add_argument("--verify_samples", "--verify-samples", type=positive_int, default=256)
     export.add_argument("--verify_file", "--verify-file", help="verify on these queries (one per line)")
-    export.add_argument("--opset", type=int, default=18)
+    export.add_argument("--opset", type=positive_int, default=18)
     export.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo")
     export.add_argument("--no_optimize", "--no-optimize", action="store_true",
                         help="ONNX: skip ONNX Runtime's transformer fusions (kept only where they match the run)")  # fmt: skip
@@ -248,21 +353,43 @@ def build_parser() -> argparse.ArgumentParser:
                         help="--quantize int8: the setting (see querytune.serving.export.QUANT_SETTINGS; default: the "
                         "one chosen on CLINC150)")  # fmt: skip
     _allow_status(export)
+    export.add_argument("--trust_remote_code", "--trust-remote-code", action="store_true", help=TRUST_HELP)
 
     srv = sub.add_parser("serve", help="HTTP JSON API over runs and exports (POST /predict, /metrics)")
     srv.add_argument("runs", nargs="+", help="run or export directories, optionally NAME=DIR")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--max_batch", "--max-batch", type=int, default=64, help="queries collected per batch")
-    srv.add_argument("--model_batch_size", "--model-batch-size", type=int, default=16,
+    srv.add_argument("--max_batch", "--max-batch", type=positive_int, default=64, help="queries collected per batch")
+    srv.add_argument("--model_batch_size", "--model-batch-size", type=positive_int, default=16,
                      help="queries per model call: a collected batch is scored in length-sorted model batches")  # fmt: skip
     srv.add_argument("--max_wait_ms", "--max-wait-ms", type=float, default=5.0, help="micro-batching window")
-    srv.add_argument("--max_queries", "--max-queries", type=int, default=64, help="queries per request")
-    srv.add_argument("--max_query_chars", "--max-query-chars", type=int, default=512)
-    srv.add_argument("--max_pending", "--max-pending", type=int, default=256, help="beyond this: 503")
-    srv.add_argument("--threads", type=int, default=None, help="torch / ONNX Runtime threads per model")
+    srv.add_argument("--max_queries", "--max-queries", type=positive_int, default=64, help="queries per request")
+    srv.add_argument("--max_query_chars", "--max-query-chars", type=positive_int, default=512)
+    srv.add_argument("--max_pending", "--max-pending", type=positive_int, default=256, help="beyond this: 503")
+    srv.add_argument("--max_body_bytes", "--max-body-bytes", type=positive_int, default=1 << 20,
+                     help="largest request body (default 1 MiB); beyond it: 413, before the body is read")  # fmt: skip
+    srv.add_argument("--timeout_s", "--timeout-s", type=positive_float, default=30.0,
+                     help="a request not answered within this many seconds gets 504 (default 30)")  # fmt: skip
+    srv.add_argument("--api_key_env", "--api-key-env", metavar="NAME", default=None,
+                     help="require this environment variable's value as 'Authorization: Bearer KEY' or 'X-API-Key: "
+                     "KEY' on every endpoint but /health (401 without it)")  # fmt: skip
+    srv.add_argument("--threads", type=positive_int, default=None, help="torch / ONNX Runtime threads per model")
+    srv.add_argument("--trust_remote_code", "--trust-remote-code", action="store_true", help=TRUST_HELP)
     _allow_status(srv)
     return parser
+
+
+def train_help() -> int:
+    """`querytune train --help`: every experiment key with its help (costs the import of TrainingArguments)."""
+    from querytune.config import _RaisingParser, sections
+
+    print("usage: querytune train EXPERIMENT.yaml [--key value ...]\n"
+          "       querytune train --config EXPERIMENT.yaml [--key value ...]\n"
+          "       accelerate launch [accelerate options] -m querytune.train EXPERIMENT.yaml [--key value ...]\n\n"
+          "Every key of an experiment file is also a flag; flags override the file, `--key null` sets None.\n"
+          "`--method X` drops the file's options for another method (with a notice).\n")  # fmt: skip
+    _RaisingParser(sections(), prog="querytune train", usage=argparse.SUPPRESS).print_help()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,12 +398,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     if argv and argv[0] == "train":
         rest = argv[1:]
-        if not rest or rest[0] in ("-h", "--help"):
-            from querytune.config import _RaisingParser, sections
-
-            print("usage: querytune train EXPERIMENT.yaml [--key value ...]\n")
-            _RaisingParser(sections()).print_help()
-            return 0 if rest else 2
+        if not rest or "-h" in rest or "--help" in rest:
+            if not rest:
+                print("querytune train: give an experiment file (querytune train --help lists every key)",
+                      file=sys.stderr)  # fmt: skip
+                return 2
+            return train_help()
         from querytune.train import main as train_main
 
         return run_guarded(train_main, rest)

@@ -14,7 +14,9 @@ import dataclasses
 import difflib
 import functools
 import json
+import logging
 import re
+import shlex
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +26,10 @@ import yaml
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
 from querytune.errors import ConfigError
-from querytune.methods.registry import MethodArguments, get_method
+from querytune.methods.registry import MethodArguments, get_method, method_names, option_owners
 from querytune.tasks import argument_classes, arguments_of, task_names
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ConfigError", "DataArguments", "ExperimentConfig", "MethodArguments", "ModelArguments",
            "QueryTrainingArguments", "load_config", "read_experiment_file"]  # fmt: skip
@@ -159,6 +163,12 @@ class DataArguments:
         default=None,
         metadata={"help": "Text encoding of local csv/tsv files (default UTF-8; Home Depot's are latin-1)."},
     )
+    unseen_labels: str = field(
+        default="error",
+        metadata={"help": "Validation/test labels (intents, slot tags) that the train split lacks: 'error', "
+                  "'as_wrong' (kept and scored as errors, as JointBERT's evaluation does with its UNK label) or "
+                  "'drop' (rows removed; the metrics count them as num_dropped_unseen). Never applies to train."},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.task not in task_names():
@@ -191,6 +201,22 @@ class DataArguments:
             raise ValueError(f"oos_max_in_scope_drop must be in [0, 100] points, got {self.oos_max_in_scope_drop}")
         if not 0 < self.oos_in_scope_recall <= 1:
             raise ValueError(f"oos_in_scope_recall must be in (0, 1], got {self.oos_in_scope_recall}")
+        if self.unseen_labels not in UNSEEN_LABELS:
+            raise ValueError(f"unseen_labels must be one of {UNSEEN_LABELS}, got {self.unseen_labels!r}")
+        for name in ("train_split", "validation_split", "test_split"):
+            check_split_name(getattr(self, name), name)
+
+
+# What to do with an eval/test label the train split lacks (`DataArguments.unseen_labels`).
+UNSEEN_LABELS = ("error", "as_wrong", "drop")
+
+
+def check_split_name(split: str | None, key: str = "split") -> None:
+    """A split is a plain name (`test`, `validation_matched`): it names files and folders, so no path separators."""
+    if split is None:
+        return
+    if not split or split in (".", "..") or any(c in split for c in "/\\\0") or split != split.strip():
+        raise ValueError(f"{key} must be a plain split name (no path separators), got {split!r}")
 
 
 @dataclass
@@ -308,6 +334,13 @@ def write_text_atomic(path: Path, text: str) -> None:
 class _RaisingParser(HfArgumentParser):
     """argparse prints and exits on error; we want an exception that the caller can attribute to a source."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # argparse %-formats help texts; a literal "% of queries" in a field's help broke `train --help`.
+        for action in self._actions:
+            if action.help:
+                action.help = re.sub(r"%(?!\()", "%%", action.help)
+
     def error(self, message: str) -> None:  # type: ignore[override]
         raise ConfigError(message)
 
@@ -415,13 +448,113 @@ def _cli_keys(overrides: list[str]) -> set[str]:
     return {re.sub(r"=.*", "", tok[2:]) for tok in overrides if tok.startswith("--")}
 
 
+def _cli_value(overrides: list[str], key: str) -> str | None:
+    """The last value given to `--key value` / `--key=value` on the command line, or None."""
+    value = None
+    for i, tok in enumerate(overrides):
+        if tok == f"--{key}" and i + 1 < len(overrides):
+            value = overrides[i + 1]
+        elif tok.startswith(f"--{key}="):
+            value = tok.split("=", 1)[1]
+    return value
+
+
+def _take_config_flag(path: str | Path | None, overrides: list[str]) -> tuple[str | Path | None, list[str]]:
+    """`--config FILE` (TRL's habit) as well as the positional file; both at once is an error."""
+    kept: list[str] = []
+    given: str | None = None
+    i = 0
+    while i < len(overrides):
+        tok = overrides[i]
+        if tok == "--config":
+            if i + 1 >= len(overrides) or overrides[i + 1].startswith("--"):
+                raise ConfigError("command line: --config needs an experiment file: --config experiments/x.yaml")
+            given, i = overrides[i + 1], i + 2
+            continue
+        if tok.startswith("--config="):
+            given = tok.split("=", 1)[1]
+        else:
+            kept.append(tok)
+        i += 1
+    if given is not None and path is not None:
+        raise ConfigError(f"command line: the experiment file is given twice ({path} and --config {given}); give one")
+    return (given if given is not None else path), kept
+
+
+_KEY_VALUE = re.compile(r"([A-Za-z_][\w.]*)=(.*)", re.DOTALL)
+
+
+def _as_flag(token: str) -> str:
+    """`key=value` (Hydra's and TRL-script habit) rewritten as the flag querytune takes."""
+    key, value = _KEY_VALUE.fullmatch(token).groups()
+    return f"--{key} {shlex.quote(value)}" if value else f"--{key} VALUE"
+
+
+@functools.cache
+def _accelerate_flags() -> frozenset[str]:
+    """The options of `accelerate launch` (asked from accelerate's own parser; only on the error path)."""
+    try:
+        from accelerate.commands.launch import launch_command_parser
+
+        return frozenset(o for a in launch_command_parser()._actions for o in a.option_strings if o.startswith("--"))
+    except Exception:  # noqa: BLE001  (an accelerate without this parser: the common flags)
+        return frozenset({"--num_processes", "--config_file", "--mixed_precision", "--multi_gpu", "--cpu",
+                          "--num_machines", "--main_process_port", "--use_deepspeed", "--use_fsdp", "--gpu_ids"})  # fmt: skip
+
+
+def _unparsed_argument(rest: list[str], known: dict[str, Any]) -> ConfigError:
+    """The error for what no section took: a bare key=value, an accelerate flag, an unknown key, a stray word."""
+    tok = next((t for t in rest if t.startswith("-") or _KEY_VALUE.fullmatch(t)), rest[0])
+    if not tok.startswith("-") and _KEY_VALUE.fullmatch(tok):
+        return ConfigError(f"command line: {tok!r} is not a flag; write {_as_flag(tok)}")
+    if tok.startswith("-"):
+        flag = tok.split("=", 1)[0]
+        if flag in _accelerate_flags():
+            return ConfigError(
+                f"command line: {flag} is an `accelerate launch` option, not an experiment key: put it before `-m`, "
+                f"as in `accelerate launch {flag} ... -m querytune.train EXPERIMENT.yaml`"
+            )
+        key = flag.lstrip("-")
+        return ConfigError(f"command line: unknown key {key!r}{_suggest(key, known)}")
+    return ConfigError(f"command line: unexpected argument {tok!r}: flags are --key value, after the experiment file")
+
+
+_METHOD_OPTIONS = frozenset(f.name for f in dataclasses.fields(MethodArguments)) - {"method", "modules_to_save"}
+
+
+def _switch_method(file_values: dict[str, Any], source: str, overrides: list[str], cli_set: set[str]) -> None:
+    """`--method X` on the command line (or from a sweep) drops the file's options for other methods, with one
+    notice; an option for another method given on the command line itself is an error that names it."""
+    cli_method = _cli_value(overrides, "method")
+    method = cli_method or file_values.get("method") or MethodArguments.method
+    if method not in method_names():
+        return  # the parser names the bad method
+    owned = set(get_method(method).options)
+    wrong = sorted(k for k in cli_set if k in _METHOD_OPTIONS and k not in owned)
+    if wrong:
+        owners = ", ".join(option_owners(wrong[0])) or "no method"
+        raise ConfigError(f"command line: {wrong[0]} is set but method is {method!r} ({wrong[0]} is for {owners})")
+    if cli_method is not None:
+        dropped = [k for k in file_values if k in _METHOD_OPTIONS and k not in owned and k not in cli_set]
+        named = [k for k in dropped if file_values[k] is not None]
+        for key in dropped:
+            del file_values[key]
+        if named:
+            logger.warning("--method %s on the command line: ignoring the options %s set for another method: %s",
+                           method, source, ", ".join(named))  # fmt: skip
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Parse an experiment file plus `--key value` overrides into an `ExperimentConfig`.
 
-    Raises `ConfigError` naming the key and its source (the file or the command line) for unknown keys, values of
-    the wrong type, YAML syntax errors and broken cross-field rules.
+    The file is `path`, or `--config FILE` among the overrides. Raises `ConfigError` naming the key and its source
+    (the file or the command line) for unknown keys, values of the wrong type, YAML syntax errors and broken
+    cross-field rules.
     """
-    overrides = list(overrides)
+    path, overrides = _take_config_flag(path, list(overrides))
+    if path is not None and not Path(path).is_file() and _KEY_VALUE.fullmatch(str(path)):
+        raise ConfigError(f"command line: {str(path)!r} is not a flag; write {_as_flag(str(path))} after the "
+                          "experiment file")  # fmt: skip
     source = str(path) if path is not None else "the command line"
     file_values = read_experiment_file(path) if path is not None else {}
     known = _known_keys()
@@ -436,6 +569,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
     cli_keys = _cli_keys(overrides)
     overrides, cli_nulls = _pop_nulls(overrides)
+    _switch_method(file_values, source, overrides, cli_keys - cli_nulls)
     nulls = {k for k, v in file_values.items() if v is None} - (cli_keys - cli_nulls) | cli_nulls
     classes = sections()
     parser = _RaisingParser(classes, allow_abbrev=False)
@@ -450,9 +584,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     except ValueError as err:  # a dataclass __post_init__ rule
         raise ConfigError(f"{source}: {err}") from None
     if rest:
-        unknown = [tok for tok in rest if tok.startswith("--")] or rest
-        key = unknown[0].lstrip("-").split("=")[0]
-        raise ConfigError(f"command line: unknown key {key!r}{_suggest(key, known)}")
+        raise _unparsed_argument(rest, known)
     model, data, method, *task_parts, training = parsed
 
     for key in nulls:  # `key: null` / `--key null` means None, not "keep the default"

@@ -3,7 +3,8 @@
 Each task package turns what these helpers load into its own examples; they never re-implement them:
 
 - `load_splits`: the train / validation / test splits of a Hub id, a local folder or files, by role, columns renamed.
-- `label_names` / `encode_labels`: a label map from the train split, and integer labels checked against it.
+- `label_names` / `encode_labels`: a label map from the train split, and integer labels checked against it
+  (`UnseenLabels`: what `unseen_labels` does with eval/test labels that train lacks).
 - `finish_splits`: a seeded (stratified) validation split carved from train when there is none, then sampling.
 - `split_groups`: one rule for splits that must keep a group (a conversation, a query) on one side.
 - `sample` / `sample_indices`: one seeded sampler for rows, queries or any list.
@@ -15,6 +16,7 @@ import hashlib
 import logging
 import random
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +26,10 @@ from datasets import ClassLabel, Dataset, DatasetDict
 from querytune.config import DataArguments
 from querytune.errors import DataError
 
-__all__ = ["DataError", "builder_for", "carve_validation", "check_columns", "discover_split_files", "encode_labels",
-           "finish_splits", "hash_bucket", "label_names", "load_one_split", "load_raw", "load_splits", "local_files",
-           "present_splits", "rename_columns", "sample", "sample_indices", "split_groups", "split_names"]  # fmt: skip
+__all__ = ["UNSEEN_ID", "DataError", "UnseenLabels", "builder_for", "carve_validation", "check_columns",
+           "discover_split_files", "encode_labels", "finish_splits", "hash_bucket", "is_unseen", "label_names",
+           "load_one_split", "load_raw", "load_splits", "local_files", "present_splits", "rename_columns", "sample",
+           "sample_indices", "split_groups", "split_names", "unseen_labels_error"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -202,20 +205,84 @@ def label_names(train: Dataset, column: str) -> list[str]:
     return [str(v) for v in sorted(values)]
 
 
-def encode_labels(ds: Dataset, split: str, column: str, labels: list[str], source: str) -> Dataset:
-    """Add an integer `labels` column; a label the model has never seen is an error, not a silent -1."""
+# An eval/test label the train split lacks, kept with `unseen_labels: as_wrong`: the k-th such label gets the id
+# UNSEEN_ID - k. Every such id is below -100, so no prediction can equal it, and the tasks' Trainer turns it into -100
+# for the loss; metrics count those rows as wrong, as JointBERT's published evaluation does with its UNK label.
+UNSEEN_ID = -101
+
+
+@dataclass
+class UnseenLabels:
+    """`DataArguments.unseen_labels` applied to a task's eval/test splits: the ids given to unseen labels kept as
+    wrong, and per split role the rows dropped (`drop`) or kept with an unseen label (`as_wrong`)."""
+
+    policy: str = "error"
+    ids: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def id_of(self, name: str) -> int:
+        return self.ids.setdefault(name, UNSEEN_ID - len(self.ids))
+
+    def name_of(self, label_id: int) -> str:
+        return next(name for name, i in self.ids.items() if i == label_id)
+
+    def metrics(self, role: str) -> dict[str, int]:
+        """What the metrics of one split say about it: `num_dropped_unseen` or `num_unseen_as_wrong`."""
+        if self.policy == "drop":
+            return {"num_dropped_unseen": self.counts.get(role, 0)}
+        if self.policy == "as_wrong":
+            return {"num_unseen_as_wrong": self.counts.get(role, 0)}
+        return {}
+
+
+def is_unseen(label_id: int) -> bool:
+    return label_id <= UNSEEN_ID
+
+
+def unseen_labels_error(source: str, split: str, what: str, column: str, unseen: list[str], known: str) -> DataError:
+    """The `unseen_labels: error` message: what the split holds that train lacks, and the option that allows it."""
+    return DataError(
+        f"{source}: split {split!r} has {what} {unseen[:10]}{' ...' if len(unseen) > 10 else ''} in column {column!r} "
+        f"that do not occur in the train split ({known}). Set unseen_labels: as_wrong to keep those rows and score "
+        "them as errors, or unseen_labels: drop to leave them out (counted as num_dropped_unseen)"
+    )
+
+
+def encode_labels(ds: Dataset, split: str, column: str, labels: list[str], source: str,
+                  unseen: UnseenLabels | None = None, role: str | None = None) -> Dataset:  # fmt: skip
+    """Add an integer `labels` column; a label the model has never seen is an error, not a silent -1.
+
+    For eval/test splits, `unseen` (the task's `UnseenLabels`, one per label column) may allow such labels:
+    `as_wrong` keeps the rows with an id below -100, `drop` removes them and counts them under `role`. The train
+    split defines the label map and is never given one.
+    """
     feature = ds.features[column]
     as_text = (lambda v: feature.int2str(v)) if isinstance(feature, ClassLabel) else str  # noqa: E731
     label2id = {name: i for i, name in enumerate(labels)}
     distinct = ds.unique(column)
-    unseen = sorted({as_text(v) for v in distinct if v is None or as_text(v) not in label2id})
-    if unseen:
-        raise DataError(
-            f"{source}: split {split!r} has label(s) {unseen[:10]} in column {column!r} that do not occur in the "
-            f"train split ({len(labels)} labels known)"
-        )
-    lookup = {v: label2id[as_text(v)] for v in distinct}
+    if None in distinct:
+        raise DataError(f"{source}: split {split!r} has empty (null) labels in column {column!r}")
+    missing = sorted({as_text(v) for v in distinct if as_text(v) not in label2id})
+    policy = unseen.policy if unseen is not None else "error"
+    if missing and policy == "error":
+        raise unseen_labels_error(source, split, "label(s)", column, missing, f"{len(labels)} labels known")
+    if missing and policy == "drop":
+        gone = set(missing)
+        before = len(ds)
+        ds = ds.filter(lambda batch: [as_text(v) not in gone for v in batch[column]], batched=True,
+                       desc=f"dropping unseen labels {split}")  # fmt: skip
+        if len(ds) == 0:
+            raise DataError(f"{source}: split {split!r}: every row has a label the train split lacks ({missing[:10]})")
+        unseen.counts[role or split] = unseen.counts.get(role or split, 0) + before - len(ds)
+        distinct = ds.unique(column)
+        missing = []
+    lookup = {v: label2id[as_text(v)] if as_text(v) in label2id else unseen.id_of(as_text(v)) for v in distinct}
     ds = ds.map(lambda batch: {"labels": [lookup[v] for v in batch[column]]}, batched=True, desc=f"labels {split}")
+    if missing:  # as_wrong: ids below -100 are no ClassLabel values
+        logger.warning("%s: split %r: %d rows have labels the train split lacks (%s); kept and scored as wrong "
+                       "(unseen_labels: as_wrong)", source, split, sum(1 for i in ds["labels"] if is_unseen(i)),
+                       missing[:10])  # fmt: skip
+        return ds
     return ds.cast_column("labels", ClassLabel(names=labels))
 
 

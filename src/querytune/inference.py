@@ -20,7 +20,7 @@ from torch import nn
 
 from querytune.config import ExperimentConfig, load_config
 from querytune.methods import get_method, register_bottleneck
-from querytune.models import load_tokenizer
+from querytune.models import load_tokenizer, quiet_load_report
 from querytune.runs import (
     CONFIG_FILE,
     FINISHED,
@@ -78,13 +78,16 @@ class LoadedRun:
     - `merge`: fold a mergeable adapter (LoRA, AdaLoRA, IA3) into the base weights (a run directory only; an export
       is loaded as it was exported).
     - `threads`: torch / ONNX Runtime intra-op threads.
+    - `trust_remote_code`: allow the base model's custom code from the Hub. A run's saved `trust_remote_code: true`
+      is ignored (with a notice) unless this is set: loading a downloaded run must not run its code unasked.
     - `export_info`: the marker of an export that is being verified before its marker is written.
     - `allow_status`: the run statuses accepted besides `finished` (`pruned`, `failed_after_training`, or "any");
       by default a run that did not finish cleanly is refused, with the reason.
     """
 
     def __init__(self, path: str | Path, merge: bool = True, device: str | None = None, threads: int | None = None,
-                 *, export_info: dict | None = None, allow_status: tuple[str, ...] | str | None = (FINISHED,)) -> None:  # fmt: skip
+                 *, trust_remote_code: bool = False, export_info: dict | None = None,
+                 allow_status: tuple[str, ...] | str | None = (FINISHED,)) -> None:  # fmt: skip
         self.run_dir = Path(path)
         self.is_export = (export_info is not None or is_export(self.run_dir)
                           or (self.run_dir / PARTIAL_EXPORT_MARKER).exists())  # fmt: skip
@@ -92,9 +95,14 @@ class LoadedRun:
             read_export(self.run_dir) if self.is_export else read_run(self.run_dir, allow_status))  # fmt: skip
         self.format = self.info.get("format", "pytorch") if self.is_export else "pytorch"
         self.config: ExperimentConfig = load_config(self.run_dir / CONFIG_FILE)
+        if self.config.model.trust_remote_code and not trust_remote_code:
+            logger.warning("%s was trained with trust_remote_code: true; its model code is not run unless you pass "
+                           "--trust_remote_code (trust_remote_code=True)", self.run_dir)  # fmt: skip
+        self.config.model.trust_remote_code = trust_remote_code
+        self.trust_remote_code = trust_remote_code
         self.task = get_task(self.config.data.task)(self.config)
         self.task.set_label_info(json.loads((self.run_dir / LABEL_MAP).read_text()))
-        self.tokenizer = load_tokenizer(str(self.run_dir))
+        self.tokenizer = load_tokenizer(str(self.run_dir), trust_remote_code=trust_remote_code)
         self.method = self.config.method.method
         self.merged = False
         if threads and self.format != "onnx":
@@ -109,13 +117,15 @@ class LoadedRun:
     def _load_model(self, merge: bool) -> nn.Module:
         spec = get_method(self.method)
         if not spec.peft or (self.is_export and self.info.get("merged")):
-            model, _ = self.task.load_model(str(self.run_dir))
+            with quiet_load_report():
+                model, _ = self.task.load_model(str(self.run_dir))
             self.merged = spec.peft
             return model
         import peft
 
         register_bottleneck()  # a bottleneck-adapter run names a PEFT type that only querytune registers
-        base, _ = self.task.load_model()
+        with quiet_load_report():  # the base checkpoint lacks the head that the adapter brings
+            base, _ = self.task.load_model()
         model = peft.PeftModel.from_pretrained(base, str(self.run_dir))
         if merge and spec.mergeable and not self.is_export:
             from querytune.methods.builders import merge_peft_model
@@ -134,6 +144,14 @@ class LoadedRun:
     def logits(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64) -> np.ndarray:
         return self.task.logits(self, texts, pairs, batch_size=batch_size)
 
+    def count_truncated(self, texts: list[str]) -> int:
+        """How many queries are longer than the run's max_seq_length in tokens (their end is cut when scored)."""
+        limit = self.config.model.max_seq_length
+        if self.tokenizer.model_max_length and self.tokenizer.model_max_length < limit:
+            limit = self.tokenizer.model_max_length
+        lengths = self.tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]
+        return sum(len(ids) > limit for ids in lengths)
+
     def predict(self, texts: list[str], top_k: int | None = None, batch_size: int = 64, **inputs) -> list[dict]:
         """The task's prediction for each query; `inputs` are the task's `request_inputs` (e.g. candidates)."""
         top_k = self.task.default_top_k if top_k is None else top_k
@@ -141,6 +159,7 @@ class LoadedRun:
 
 
 def load_run(path: str | Path, threads: int | None = None, device: str | None = "cpu",
-             allow_status: tuple[str, ...] | str | None = (FINISHED,)) -> LoadedRun:  # fmt: skip
+             trust_remote_code: bool = False, allow_status: tuple[str, ...] | str | None = (FINISHED,)) -> LoadedRun:  # fmt: skip
     """A run (adapter merged where the method allows) or an export, for serving."""
-    return LoadedRun(path, merge=True, device=device, threads=threads, allow_status=allow_status)
+    return LoadedRun(path, merge=True, device=device, threads=threads, trust_remote_code=trust_remote_code,
+                     allow_status=allow_status)  # fmt: skip

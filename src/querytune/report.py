@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 import subprocess
 from pathlib import Path
@@ -25,8 +26,26 @@ def task_columns(task: str | None, metrics: dict[str, float] | None = None) -> l
     return [c for c in cls.report_columns if c[0] not in shadowed]
 
 
-def run_row(run_dir: str | Path, metric_prefix: str = "test", allow_status: str | None = "finished") -> dict[str, Any]:
-    """The comparison row of one finished run (raises RunError for an unfinished one, or a status not allowed)."""
+def run_labels(run_dirs: list[str | Path]) -> dict[str, str]:
+    """Each run directory's row name: its folder name, with as many parent folders as it takes to tell runs apart
+    (`bench/clinc150-lora` and `old/clinc150-lora`). Experiment names are no row names: one experiment file often
+    has several runs (a sweep, a re-run with other flags)."""
+    parts = {str(d): Path(d).resolve().parts for d in run_dirs}
+    depth = {d: 1 for d in parts}
+    while True:
+        labels = {d: "/".join(p[-depth[d] :]) for d, p in parts.items()}
+        clashes = {d for d in labels if list(labels.values()).count(labels[d]) > 1 and depth[d] < len(parts[d])}
+        if not clashes:
+            return labels
+        for d in clashes:
+            depth[d] += 1
+
+
+def run_row(
+    run_dir: str | Path, metric_prefix: str = "test", label: str | None = None, allow_status: str | None = "finished"
+) -> dict[str, Any]:
+    """The comparison row of one finished run (raises RunError for an unfinished one, or a status not allowed),
+    named `label` (default: the run directory's folder name)."""
     run = Path(run_dir)
     info = read_run(run, allow_status)
     metrics = json.loads((run / METRICS_FILE).read_text())
@@ -36,7 +55,7 @@ def run_row(run_dir: str | Path, metric_prefix: str = "test", allow_status: str 
         if isinstance(value, int | float):
             task_metrics[name] = float(value)
     return {
-        "run": info.get("run_name", run.name),
+        "run": label or run.resolve().name,
         "task": info.get("task"),
         "method": info["method"],
         "metrics": task_metrics,
@@ -120,6 +139,20 @@ def machine_description() -> str:
     )
 
 
+def plain_number(value: float) -> str:
+    """A number as people write it, never in exponent notation: 1,960 / 12.3 / 0.0583 (3 significant digits)."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    decimals = max(0, 2 - math.floor(math.log10(abs(value))))
+    return f"{value:.{decimals}f}"
+
+
+# Panels whose values span orders of magnitude (a 0.1 MB adapter next to an 87 MB model): drawn on a log axis.
+LOG_PANELS = {"trainable_percent", "model_size_mb", "peak_memory_mb"}
+
+
 def _lookup(row: dict[str, Any], key: str) -> float | None:
     if key.startswith("metrics."):
         return row["metrics"].get(key.removeprefix("metrics."))
@@ -128,10 +161,20 @@ def _lookup(row: dict[str, Any], key: str) -> float | None:
 
 def plot_runs(rows: list[dict[str, Any]], path: str | Path, title: str = "querytune runs") -> None:
     """Bar charts side by side: the task metric, trainable %, model MB, train time, samples/s and peak memory."""
+    import matplotlib.pyplot as plt
+
+    fig = comparison_figure(rows, title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def comparison_figure(rows: list[dict[str, Any]], title: str = "querytune runs"):
+    """The figure `plot_runs` saves: one bar panel per measure, sizes on log axes, values as plain numbers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     metric_panels = [(f"metrics.{name}", header, scale) for name, header, scale in metric_columns(rows)]
     panels = [
@@ -145,16 +188,19 @@ def plot_runs(rows: list[dict[str, Any]], path: str | Path, title: str = "queryt
     names = [r["run"] for r in rows]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 0.45 * len(rows) + 2), sharey=True)
     for ax, (key, label, scale) in zip(axes, panels, strict=True):
-        values = [(_lookup(r, key) or 0.0) * scale for r in rows]
+        raw = [_lookup(r, key) for r in rows]
+        log = key in LOG_PANELS and any(v for v in raw)
+        values = [v * scale if v else (math.nan if log else 0.0) for v in raw]  # no bar at 0 on a log axis
         ax.barh(range(len(rows)), values, color="tab:blue")
         ax.set_yticks(range(len(rows)), names)
-        ax.set_title(label, fontsize=10)
-        if key == "trainable_percent":
+        ax.set_title(f"{label} (log scale)" if log else label, fontsize=10)
+        if log:
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: plain_number(v)))
         for i, v in enumerate(values):
-            ax.text(v, i, f" {v:.3g}", va="center", fontsize=8)
+            if math.isfinite(v):
+                ax.text(v, i, f" {plain_number(v)}", va="center", fontsize=8)
     axes[0].invert_yaxis()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig

@@ -43,7 +43,10 @@ TRAINER_STATE = "trainer_state.json"  # Trainer writes it last into a checkpoint
 def prepare_output_dir(output_dir: str | Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse to mix a new run into a non-empty directory unless asked; never leave a stale finished marker."""
     out = Path(output_dir)
-    if out.exists() and any(out.iterdir()) and not resume:
+    # A run that stopped before training wrote anything (bad data, a refused option) left only its resolved config:
+    # nothing to lose, so running again into it needs no flag.
+    held = {p.name for p in out.iterdir()} - {CONFIG_FILE} if out.is_dir() else set()
+    if held and not resume:
         if not overwrite:
             state = "a finished run" if (out / MARKER).exists() else "files of an unfinished run"
             raise RunError(

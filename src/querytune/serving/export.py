@@ -45,6 +45,7 @@ from querytune.errors import ExportError
 from querytune.inference import LoadedRun
 from querytune.methods import get_method
 from querytune.methods.builders import merge_peft_model
+from querytune.progress import progress_label
 from querytune.runs import (
     CONFIG_FILE,
     EXPORT_MARKER,
@@ -569,11 +570,13 @@ def export_run(
     optimize: bool = True,
     quantization: str | None = None,
     allow_status: tuple[str, ...] | str | None = ("finished",),
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Export a finished run, verify it against the PyTorch run, and mark the export finished; returns the marker.
 
     ONNX: `optimize` runs the transformer optimizer (kept where the fused graph matches the run); `quantization`
-    names the int8 setting (`QUANT_SETTINGS`, default `DEFAULT_QUANT`) of `quantize="int8"`.
+    names the int8 setting (`QUANT_SETTINGS`, default `DEFAULT_QUANT`) of `quantize="int8"`. `trust_remote_code` lets the base model's custom code run (a run's saved value is ignored:
+    see `LoadedRun`).
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
@@ -589,7 +592,8 @@ def export_run(
     start = time.perf_counter()
     run_dir = Path(run_dir)
     # the run exactly as trained: the reference
-    reference = LoadedRun(run_dir, merge=False, device="cpu", allow_status=allow_status)
+    reference = LoadedRun(run_dir, merge=False, device="cpu", trust_remote_code=trust_remote_code,
+                          allow_status=allow_status)  # fmt: skip
     if is_export(run_dir):
         raise ExportError(f"{run_dir} is already an export; export its run directory instead")
     reason = reference.task.export_unsupported()
@@ -678,10 +682,12 @@ def export_run(
         info |= {"onnx_file": ONNX_FILE, "inputs": inputs, "outputs": outputs, "opset": opset, "exporter": exporter,
                  "torch_version": torch.__version__, **graph_record}  # fmt: skip
     # Verify the export as it will be served, before it is marked finished.
-    exported = LoadedRun(out, device="cpu", export_info=info)
-    comparison = compare_outputs(reference_outputs(),
-                                 exported.task.verification_outputs(exported, texts, pairs),
-                                 groups=texts if pairs is not None else None)  # fmt: skip
+    exported = LoadedRun(out, device="cpu", export_info=info, trust_remote_code=trust_remote_code)
+    with progress_label(f"verifying the export on {len(texts)} queries: PyTorch run"):
+        expected = reference_outputs()
+    with progress_label(f"verifying the export on {len(texts)} queries: {fmt}{'-' + quantize if quantize else ''}"):
+        got = exported.task.verification_outputs(exported, texts, pairs)
+    comparison = compare_outputs(expected, got, groups=texts if pairs is not None else None)
     verification = {"sample": sample_source, "num_queries": len(texts), "reference": "PyTorch run, unmerged",
                     "outputs": comparison}  # fmt: skip
     write_json_atomic(out / VERIFY_FILE, verification)

@@ -152,8 +152,9 @@ class Task(ABC):
     def load_model(self, name_or_path: str | None = None) -> tuple[PreTrainedModel, list[str]]:
         """The base model (the experiment's, or a saved full fine-tune at `name_or_path`) and its new modules."""
         cfg = self.config.model
-        if name_or_path is not None:
-            return load_pretrained(self.model_class, name_or_path, **self.model_kwargs())
+        if name_or_path is not None:  # a saved run: its code is trusted only when the loader was told so
+            return load_pretrained(self.model_class, name_or_path, trust_remote_code=cfg.trust_remote_code,
+                                   **self.model_kwargs())  # fmt: skip
         kwargs = self.model_kwargs()
         check_head_labels(cfg.model_name_or_path, kwargs.get("id2label"))
         model, new_modules = load_pretrained(

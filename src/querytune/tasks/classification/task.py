@@ -16,12 +16,34 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 
 from querytune import distill
 from querytune.batching import encoded_batches
+from querytune.data import UnseenLabels
 from querytune.metrics import load_metric
 from querytune.tasks.base import Task
 from querytune.tasks.classification import oos
 from querytune.tasks.classification.data import load_classification_splits, load_eval_split
 
 logger = logging.getLogger(__name__)
+IGNORE_INDEX = -100
+
+
+class UnseenLabelsTrainer(Trainer):
+    """A Trainer whose loss skips eval labels kept with `unseen_labels: as_wrong` (ids below -100: the head has no
+    class for them) while prediction_step still hands them, unchanged, to the metrics, which count them as wrong."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        names = set(self.label_names or ())
+        inputs = {k: v.clamp(min=IGNORE_INDEX) if k in names and torch.is_tensor(v) and not v.is_floating_point()
+                  else v for k, v in inputs.items()}  # fmt: skip
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+class DistillationUnseenLabelsTrainer(UnseenLabelsTrainer, distill.DistillationTrainer):
+    """Distillation (`distill_teacher`) with the eval loss skipping unseen labels, as `UnseenLabelsTrainer`."""
+
+
+def trainer_class_for(model_args) -> type[Trainer]:
+    """The Trainer of a classification (or joint intent) run: distilling from a teacher or not."""
+    return DistillationUnseenLabelsTrainer if model_args.distill_teacher else UnseenLabelsTrainer
 
 
 class ClassificationTask(Task):
@@ -57,7 +79,8 @@ class ClassificationTask(Task):
 
     # --- data
     def load_data(self) -> DatasetDict:
-        splits, self.labels = load_classification_splits(self.config.data, self.config.training.seed)
+        self.unseen = UnseenLabels(self.config.data.unseen_labels)
+        splits, self.labels = load_classification_splits(self.config.data, self.config.training.seed, self.unseen)
         return splits
 
     def label_info(self) -> dict[str, Any]:
@@ -119,7 +142,7 @@ class ClassificationTask(Task):
 
     @property
     def trainer_class(self):
-        return distill.DistillationTrainer if self.config.model.distill_teacher else Trainer
+        return trainer_class_for(self.config.model)
 
     def trainer_kwargs(self, tokenizer) -> dict[str, Any]:
         return distill.trainer_kwargs(self.config.model) if self.config.model.distill_teacher else {}
@@ -192,7 +215,8 @@ class ClassificationTask(Task):
             metrics = {**kept, **{f"{prefix}_{k}": v for k, v in self.scored(logits, result.label_ids).items()}}
         if trainer.is_world_process_zero():
             self.write_reports(logits, result.label_ids, out_dir, role)
-        return metrics
+        unseen = getattr(self, "unseen", None)  # what unseen_labels did to the split (`num_dropped_unseen` and so on)
+        return {**metrics, **{f"{prefix}_{k}": v for k, v in (unseen.metrics(role) if unseen else {}).items()}}
 
     def write_reports(self, logits: np.ndarray, label_ids: np.ndarray, out_dir: Path, split: str) -> None:
         """Per-label precision/recall/F1 (JSON and text) and a confusion plot readable at 150 classes, with the OOS
@@ -252,18 +276,19 @@ class ClassificationTask(Task):
         """Score a loaded run on one split of `self.config.data` with the run's label map and OOS detector; write
         the reports."""
         data = self.config.data
-        ds = load_eval_split(data, split, self.labels)
+        unseen = UnseenLabels(data.unseen_labels)
+        ds = load_eval_split(data, split, self.labels, unseen)
         pairs = ds[data.text_pair_column] if data.text_pair_column else None
         logits = self.logits(run, [t or "" for t in ds[data.text_column]], pairs, batch_size=batch_size)
         labels = np.asarray(ds["labels"])
         metrics = self.scored(logits, labels)
         self.write_reports(logits, labels, out_dir, split)
-        return {"num_examples": len(ds), **metrics}
+        return {"num_examples": len(ds), **unseen.metrics(split), **metrics}
 
     # --- export
     def verification_texts(self, run, split: str) -> tuple[list[str], list[str] | None]:
         data = self.config.data
-        ds = load_eval_split(data, split, self.labels)
+        ds = load_eval_split(data, split, self.labels, UnseenLabels("as_wrong"))  # only the texts are compared
         pairs = list(ds[data.text_pair_column]) if data.text_pair_column else None
         return [t or "" for t in ds[data.text_column]], pairs
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import bm25s
 import numpy as np
 
+LARGE_CATALOGUE = 20_000  # documents; indexing more shows progress bars
+
 
 def _stemmer():
     try:
@@ -24,10 +26,11 @@ class BM25Index:
         self.doc_ids = list(doc_ids)
         self.stemmer = _stemmer() if stem else None
         self.retriever = bm25s.BM25()
-        self.retriever.index(self._tokenize(texts), show_progress=False)
+        large = len(texts) >= LARGE_CATALOGUE  # bm25s's own progress bars, for catalogues that take a while
+        self.retriever.index(self._tokenize(texts, large), show_progress=large)
 
-    def _tokenize(self, texts: list[str]):
-        return bm25s.tokenize(texts, stopwords="en", stemmer=self.stemmer, show_progress=False)
+    def _tokenize(self, texts: list[str], show_progress: bool = False):
+        return bm25s.tokenize(texts, stopwords="en", stemmer=self.stemmer, show_progress=show_progress)
 
     def search(self, queries: list[str], k: int) -> list[list[tuple[str, float]]]:
         k = min(k, len(self.doc_ids))

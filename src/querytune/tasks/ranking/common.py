@@ -23,6 +23,7 @@ from transformers import Trainer
 
 from querytune.data import DataError
 from querytune.metrics import load_metric
+from querytune.progress import progress
 from querytune.tasks.base import Task, length_batches
 from querytune.tasks.ranking.args import RankingArguments
 from querytune.tasks.ranking.bm25 import BM25Index
@@ -70,7 +71,8 @@ def score_pairs(model, tokenizer, queries: list[str], documents: list[str], max_
     model.eval()
     device = next(model.parameters()).device
     out = np.zeros(len(queries), dtype=np.float32)
-    for idx in length_batches([len(q) + len(d) for q, d in zip(queries, documents, strict=True)], batch_size):
+    batches = list(length_batches([len(q) + len(d) for q, d in zip(queries, documents, strict=True)], batch_size))
+    for idx in progress(batches, "scoring pairs"):
         enc = encode_pairs(tokenizer, [queries[i] for i in idx], [documents[i] for i in idx], max_length)
         batch = tokenizer.pad(dict(enc), return_tensors="pt").to(device)
         out[idx] = model(**batch).logits.float().reshape(-1).cpu().numpy()

@@ -35,6 +35,7 @@ from datasets import Dataset, DatasetDict
 from transformers import AutoModel, EvalPrediction, Trainer
 
 from querytune.data import DataError
+from querytune.progress import progress
 from querytune.tasks.base import length_batches
 from querytune.tasks.ranking.common import RankingTask, model_fingerprint, ranking_metrics, write_rankings
 from querytune.tasks.ranking.data import first_query_texts, qrels
@@ -70,7 +71,7 @@ def embed_texts(model, tokenizer, texts: list[str], max_length: int, batch_size:
     model.eval()
     device = next(model.parameters()).device
     out: np.ndarray | None = None
-    for idx in length_batches([len(t) for t in texts], batch_size):
+    for idx in progress(list(length_batches([len(t) for t in texts], batch_size)), "embedding texts"):
         enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_length, padding=True,
                         return_tensors="pt").to(device)  # fmt: skip
         extra = {"token_type_ids": enc["token_type_ids"]} if "token_type_ids" in enc else {}  # an ONNX graph needs it

@@ -40,12 +40,15 @@ from querytune.data import DataError, sample
 from querytune.methods.registry import get_method
 from querytune.metrics import load_metric
 from querytune.models import ModelError, _new_modules, load_pretrained, load_tokenizer, resolve_model_path
+from querytune.progress import progress
 from querytune.tasks.base import Task, length_batches
 from querytune.tasks.rewrite.args import RewriteArguments
 from querytune.tasks.rewrite.data import Row, group_split, load_rows
 from querytune.tasks.rewrite.prompts import CONTEXT_SEPARATOR, clean_candidates, fit_context, training_pairs
 
 logger = logging.getLogger(__name__)
+# `predict` widens its search up to this many beams (or samples) when too few distinct, non-copy rewrites remain.
+MAX_SEARCH = 32
 
 
 def is_encoder_decoder(config) -> bool:
@@ -219,7 +222,7 @@ class RewriteTask(Task):
         if name_or_path is None and args.rewrite_warm_start_decoder:
             model, new = self._warm_start()
         elif name_or_path is not None:
-            model, new = load_pretrained(self.model_class, name_or_path)
+            model, new = load_pretrained(self.model_class, name_or_path, trust_remote_code=cfg.trust_remote_code)
         else:
             model, new = load_pretrained(self.model_class, cfg.model_name_or_path, cfg.model_revision,
                                          cfg.trust_remote_code)  # fmt: skip
@@ -302,24 +305,34 @@ class RewriteTask(Task):
 
     @torch.inference_mode()
     def generate(
-        self, model, tokenizer, rows: list[Row], batch_size: int = 32, k: int | None = None
-    ) -> list[list[str]]:
-        """Up to k cleaned candidates per row (k: rewrite_num_candidates), best first."""
+        self, model, tokenizer, rows: list[Row], batch_size: int = 32, k: int | None = None,
+        kwargs: dict[str, Any] | None = None,
+    ) -> list[list[str]]:  # fmt: skip
+        """Up to k cleaned candidates per row (k: rewrite_num_candidates), best first; `kwargs` replace the decoding
+        settings of `generation_kwargs(k)`."""
         args = self.args
         k = k or args.rewrite_num_candidates
+        kwargs = kwargs or self.generation_kwargs(k)
         self._prepare_tokenizer(tokenizer)
-        kwargs = self.generation_kwargs(k)
+        raw = self.raw_candidates(model, tokenizer, [self.prompt(r, tokenizer)[0] for r in rows], batch_size, kwargs)
+        return [clean_candidates(c, r["query"] if args.rewrite_drop_copies else "\0", k)
+                for r, c in zip(rows, raw, strict=True)]  # fmt: skip
+
+    def raw_candidates(self, model, tokenizer, prompts: list[str], batch_size: int,
+                       kwargs: dict[str, Any]) -> list[list[str]]:  # fmt: skip
+        """Every generated sequence per prompt (`num_return_sequences` of them), decoded, first line only."""
+        args = self.args
+        self._prepare_tokenizer(tokenizer)
         n = kwargs["num_return_sequences"]
-        prompts = [self.prompt(r, tokenizer)[0] for r in rows]
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
         tokenizer.padding_side = "left" if not self.encoder_decoder else "right"  # a causal LM continues the prompt
         torch.manual_seed(self.config.training.seed)
-        out: list[list[str]] = []
+        results: dict[int, list[str]] = {}
         try:
-            results: dict[int, list[str]] = {}
-            for idx in length_batches([len(p) for p in prompts], batch_size):
+            batches = list(length_batches([len(p) for p in prompts], batch_size))
+            for idx in progress(batches, "generating rewrites"):
                 enc = tokenizer([prompts[i] for i in idx], padding=True, truncation=True,
                                 max_length=self.source_budget(), return_tensors="pt")  # fmt: skip
                 gen = model.generate(
@@ -335,25 +348,53 @@ class RewriteTask(Task):
                 texts = tokenizer.batch_decode(gen, skip_special_tokens=True)
                 for j, i in enumerate(idx):
                     # A causal LM may run on into a new "Query:" line: keep the first line.
-                    raw = [t.strip().split("\n")[0] for t in texts[j * n : (j + 1) * n]]
-                    query = rows[i]["query"] if args.rewrite_drop_copies else "\0"
-                    results[i] = clean_candidates(raw, query, k)
-            out = [results[i] for i in range(len(rows))]
+                    results[i] = [t.strip().split("\n")[0] for t in texts[j * n : (j + 1) * n]]
         finally:
             tokenizer.padding_side = "right"
             model.train(was_training)
-        return out
+        return [results[i] for i in range(len(prompts))]
+
+    def generate_distinct(self, model, tokenizer, rows: list[Row], batch_size: int,
+                          k: int) -> tuple[list[list[str]], list[int]]:  # fmt: skip
+        """`generate`, widened for the rows that come back with fewer than k candidates (every candidate was a copy of
+        the query or a repeat): twice the beams (or samples) each round, up to `MAX_SEARCH` sequences. Returns the
+        candidates and, per row, how many sequences the last search returned."""
+        kwargs = self.generation_kwargs(k)
+        out = self.generate(model, tokenizer, rows, batch_size, k, kwargs)
+        width = kwargs["num_return_sequences"]
+        widths = [width] * len(rows)
+        while width < MAX_SEARCH and any(len(c) < k for c in out):
+            width = min(MAX_SEARCH, 2 * width)
+            wider = ({**kwargs, "num_return_sequences": width} if kwargs["do_sample"]
+                     else {"do_sample": False, "num_beams": width, "num_return_sequences": width})  # fmt: skip
+            short = [i for i, c in enumerate(out) if len(c) < k]
+            again = self.generate(model, tokenizer, [rows[i] for i in short], batch_size, k, wider)
+            for i, candidates in zip(short, again, strict=True):
+                widths[i] = width
+                if len(candidates) > len(out[i]):
+                    out[i] = candidates
+        return out, widths
 
     # --- a loaded run
     def predict(self, run, texts: list[str], top_k: int = 3, batch_size: int = 64, **inputs) -> list[dict[str, Any]]:
-        """Up to top_k rewrites per query; earlier turns may precede it, separated by ' ||| '."""
+        """Up to top_k rewrites per query; earlier turns may precede it, separated by ' ||| '. When fewer than top_k
+        distinct rewrites remain after the widest search, `note` says so."""
         rows = []
         for text in texts:
             *context, query = [t.strip() for t in text.split(CONTEXT_SEPARATOR)]
             rows.append({"group": query, "query": query, "context": context, "targets": []})
-        candidates = self.generate(run.model, run.tokenizer, rows, batch_size=batch_size, k=max(1, top_k))
-        return [{"query": r["query"], **({"context": r["context"]} if r["context"] else {}), "rewrites": c}
-                for r, c in zip(rows, candidates, strict=True)]  # fmt: skip
+        k = max(1, top_k)
+        candidates, widths = self.generate_distinct(run.model, run.tokenizer, rows, batch_size, k)
+        what = "samples" if self.generation_kwargs(k)["do_sample"] else "beams"
+        copies = "a copy of the query or " if self.args.rewrite_drop_copies else ""
+        results = []
+        for r, c, width in zip(rows, candidates, widths, strict=True):
+            result = {"query": r["query"], **({"context": r["context"]} if r["context"] else {}), "rewrites": c}
+            if len(c) < k:
+                result["note"] = (f"{len(c)} of {k} rewrites: the other candidates of {width} {what} were "
+                                  f"{copies}repeats")  # fmt: skip
+            results.append(result)
+        return results
 
     def evaluate(self, run, split: str, out_dir: Path, batch_size: int = 64) -> dict[str, Any]:
         """Score a loaded run on a split; an unsplit corpus is split by group exactly as in training."""

@@ -15,13 +15,16 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 from querytune.config import DataArguments
 from querytune.data import (
     DataError,
+    UnseenLabels,
     check_columns,
     encode_labels,
     finish_splits,
+    is_unseen,
     label_names,
     load_one_split,
     load_splits,
     sample,
+    unseen_labels_error,
 )
 from querytune.tasks.slots.args import SlotsArguments
 from querytune.tasks.slots.bio import TagError, repair_bio, tag_vocabulary
@@ -36,6 +39,36 @@ class TaggedSplits:
     splits: DatasetDict
     tags: list[str]
     intents: list[str] | None
+    unseen: Unseen | None = None
+
+
+@dataclass
+class Unseen:
+    """`unseen_labels` for a tagging corpus: one record per label column (slot tags, intents) and the rows per split
+    role that were dropped (`drop`) or kept with an unseen tag or intent (`as_wrong`)."""
+
+    tags: UnseenLabels
+    intents: UnseenLabels
+
+    @classmethod
+    def of(cls, policy: str) -> Unseen:
+        return cls(UnseenLabels(policy), UnseenLabels(policy))
+
+    def metrics(self, role: str) -> dict[str, int]:
+        if self.tags.policy == "drop":  # the two filters run one after the other: a row is counted once
+            return {"num_dropped_unseen": self.tags.counts.get(role, 0) + self.intents.counts.get(role, 0)}
+        return self.tags.metrics(role)
+
+    def count_kept(self, splits: dict[str, Dataset]) -> None:
+        """as_wrong: the rows of each eval split holding an unseen tag or intent (after sampling)."""
+        if self.tags.policy != "as_wrong":
+            return
+        for role, ds in splits.items():
+            if role == "train":
+                continue
+            intents = ds["intent_labels"] if "intent_labels" in ds.column_names else [0] * len(ds)
+            self.tags.counts[role] = sum(1 for ids, intent in zip(ds["tag_ids"], intents, strict=True)
+                                         if is_unseen(intent) or any(is_unseen(i) for i in ids))  # fmt: skip
 
 
 def _classlabel_names(ds: Dataset, column: str) -> list[str] | None:
@@ -90,16 +123,29 @@ def _normalise(ds: Dataset, split: str, args: SlotsArguments, source: str, keep:
     return ds.remove_columns("_repaired")
 
 
-def _encode_tags(ds: Dataset, split: str, tags: list[str], column: str, source: str) -> Dataset:
-    """Add integer `tag_ids`; a tag the train split never had (an unknown entity type) is an error."""
+def _encode_tags(ds: Dataset, split: str, tags: list[str], column: str, source: str,
+                 unseen: UnseenLabels | None = None, role: str | None = None) -> Dataset:  # fmt: skip
+    """Add integer `tag_ids`. A tag the train split never had (an unknown entity type) is an error, unless `unseen`
+    (eval/test splits) keeps it with an id below -100 (`as_wrong`: its spans can never be predicted right) or drops
+    its rows (`drop`, counted under `role`)."""
     tag2id = {tag: i for i, tag in enumerate(tags)}
     unknown = sorted({t for seq in ds["tags"] for t in seq} - set(tag2id))
-    if unknown:
+    policy = unseen.policy if unseen is not None else "error"
+    if unknown and policy == "error":
         types = sorted({t[2:] for t in tags if t != "O"})
-        raise DataError(
-            f"{source}: split {split!r} has tag(s) {unknown[:10]} in column {column!r} whose entity type does not "
-            f"occur in the train split ({len(types)} types known: {types[:20]}{' ...' if len(types) > 20 else ''})"
-        )
+        known = f"{len(types)} types known: {types[:20]}{' ...' if len(types) > 20 else ''}"
+        raise unseen_labels_error(source, split, "tag(s)", column, unknown, known)
+    if unknown and policy == "drop":
+        gone, before = set(unknown), len(ds)
+        ds = ds.filter(lambda b: [not gone.intersection(seq) for seq in b["tags"]], batched=True,
+                       desc=f"dropping unseen tags {split}")  # fmt: skip
+        if len(ds) == 0:
+            raise DataError(f"{source}: split {split!r}: every row has a tag the train split lacks ({unknown[:10]})")
+        unseen.counts[role or split] = unseen.counts.get(role or split, 0) + before - len(ds)
+    elif unknown:  # as_wrong
+        tag2id |= {t: unseen.id_of(t) for t in unknown}
+        logger.warning("%s: split %r: tags the train split lacks (%s) are kept and scored as wrong (unseen_labels: "
+                       "as_wrong)", source, split, unknown[:10])  # fmt: skip
     return ds.map(lambda b: {"tag_ids": [[tag2id[t] for t in seq] for seq in b["tags"]]}, batched=True,
                   desc=f"tag ids {split}")  # fmt: skip
 
@@ -115,7 +161,8 @@ def load_tagging_splits(data: DataArguments, args: SlotsArguments, seed: int, wi
     """Train / validation / (test) splits of a tagging corpus, and the tag (and intent) label maps.
 
     As in `load_classification_splits`, the label maps come from the whole train split before any subsetting, and a
-    missing validation split is carved from train (stratified by intent for the joint task).
+    missing validation split is carved from train (stratified by intent for the joint task). Eval/test tags and
+    intents that train lacks follow `data.unseen_labels` (recorded in `TaggedSplits.unseen`).
     """
     found, wanted, source = load_splits(data)
     keep = [data.label_column] if with_intent else []
@@ -139,14 +186,19 @@ def load_tagging_splits(data: DataArguments, args: SlotsArguments, seed: int, wi
         intents = label_names(found["train"], data.label_column)
         if len(intents) < 2:
             raise DataError(f"{source}: column {data.label_column!r} has {len(intents)} distinct intent(s); need >= 2")
+    unseen = Unseen.of(data.unseen_labels)
     for role in list(splits):
-        ds = _encode_tags(splits[role], wanted[role], tags, args.tags_column, source)
+        # The train split defines the label maps: it is never given an unseen-label policy.
+        tag_policy, intent_policy = (None, None) if role == "train" else (unseen.tags, unseen.intents)
+        ds = _encode_tags(splits[role], wanted[role], tags, args.tags_column, source, tag_policy, role)
         if intents is not None:
-            ds = encode_labels(ds, wanted[role], data.label_column, intents, source)
+            ds = encode_labels(ds, wanted[role], data.label_column, intents, source, intent_policy, role)
         splits[role] = ds
 
     splits = finish_splits(splits, data, seed, stratify=intents is not None)
-    return TaggedSplits(DatasetDict({k: _finish(v, data, intents) for k, v in splits.items()}), tags, intents)
+    splits = {k: _finish(v, data, intents) for k, v in splits.items()}
+    unseen.count_kept(splits)
+    return TaggedSplits(DatasetDict(splits), tags, intents, unseen)
 
 
 def _finish(ds: Dataset, data: DataArguments, intents: list[str] | None) -> Dataset:
@@ -158,14 +210,18 @@ def _finish(ds: Dataset, data: DataArguments, intents: list[str] | None) -> Data
 
 
 def load_tagging_eval_split(data: DataArguments, args: SlotsArguments, split: str, tags: list[str],
-                            intents: list[str] | None) -> Dataset:  # fmt: skip
-    """One split of any tagging corpus, encoded with a trained run's label maps (unknown tags are an error)."""
+                            intents: list[str] | None, unseen: Unseen | None = None) -> Dataset:  # fmt: skip
+    """One split of any tagging corpus, encoded with a trained run's label maps; tags and intents the run never saw
+    follow `data.unseen_labels` (`unseen`, when given, records what was done under the name `split`)."""
+    unseen = unseen if unseen is not None else Unseen.of(data.unseen_labels)
     ds, source = load_one_split(data, split)
     with_intent = intents is not None
     _check_columns(split, ds, data, args, with_intent, source)
     ds = _normalise(ds, split, args, source, [data.label_column] if with_intent else [])
-    ds = _encode_tags(ds, split, tags, args.tags_column, source)
+    ds = _encode_tags(ds, split, tags, args.tags_column, source, unseen.tags, split)
     if with_intent:
-        ds = encode_labels(ds, split, data.label_column, intents, source)
+        ds = encode_labels(ds, split, data.label_column, intents, source, unseen.intents, split)
     ds = _finish(ds, data, intents)
-    return sample(ds, data.max_eval_samples, 0)
+    ds = sample(ds, data.max_eval_samples, 0)
+    unseen.count_kept({split: ds})
+    return ds

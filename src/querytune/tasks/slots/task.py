@@ -18,15 +18,17 @@ import peft
 import torch
 from datasets import DatasetDict
 from sklearn.metrics import classification_report, confusion_matrix
-from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification, EvalPrediction, Trainer
+from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification, EvalPrediction
 
 from querytune import distill
 from querytune.config import ExperimentConfig
+from querytune.data import UnseenLabels
 from querytune.methods.registry import get_method
 from querytune.metrics import load_metric
+from querytune.progress import progress
 from querytune.tasks.base import Task, length_batches
 from querytune.tasks.classification import oos
-from querytune.tasks.classification.task import most_confused_pairs
+from querytune.tasks.classification.task import UnseenLabelsTrainer, most_confused_pairs, trainer_class_for
 from querytune.tasks.slots.args import SlotsArguments
 from querytune.tasks.slots.bio import (
     IGNORE_INDEX,
@@ -40,7 +42,7 @@ from querytune.tasks.slots.bio import (
     spans_from_tags,
     split_words,
 )
-from querytune.tasks.slots.data import load_tagging_eval_split, load_tagging_splits
+from querytune.tasks.slots.data import Unseen, load_tagging_eval_split, load_tagging_splits
 from querytune.tasks.slots.joint_model import AutoModelForIntentAndSlots
 
 logger = logging.getLogger(__name__)
@@ -83,14 +85,15 @@ def split_outputs(
 
 
 def word_tags(
-    slot_logits: np.ndarray, slot_ids: np.ndarray, tags: list[str]
+    slot_logits: np.ndarray, slot_ids: np.ndarray, tags: list[str], unseen: UnseenLabels | None = None
 ) -> tuple[list[list[str]], list[list[str]]]:
-    """Gold and predicted tags at the labelled positions (a word's first sub-token in eval splits)."""
+    """Gold and predicted tags at the labelled positions (a word's first sub-token in eval splits). Gold ids below
+    -100 are tags the train split lacked, kept by `unseen_labels: as_wrong`: named by `unseen`, never predicted."""
     preds = np.argmax(slot_logits, axis=-1)
     gold_rows, pred_rows = [], []
     for gold, pred in zip(slot_ids, preds, strict=True):
         keep = gold != IGNORE_INDEX
-        gold_rows.append([tags[i] for i in gold[keep]])
+        gold_rows.append([tags[i] if i >= 0 else unseen.name_of(int(i)) for i in gold[keep]])
         pred_rows.append([tags[i] for i in pred[keep]])
     return gold_rows, pred_rows
 
@@ -100,6 +103,7 @@ class SlotsTask(Task):
 
     model_class: Any = AutoModelForTokenClassification
     peft_task_type = peft.TaskType.TOKEN_CLS
+    trainer_class = UnseenLabelsTrainer
     default_metric = "f1"
     with_intent = False
     arguments = SlotsArguments
@@ -112,6 +116,7 @@ class SlotsTask(Task):
         super().__init__(config)  # self.labels: the tag label map
         self.intents: list[str] | None = None
         self.oos: oos.OosDetector | None = None  # the intent head's OOS detector (joint task), chosen on validation
+        self.unseen = Unseen.of(config.data.unseen_labels)  # what unseen_labels did to the eval splits
         if config.data.text_pair_column:
             raise ValueError(f"task {config.data.task!r} takes single queries; text_pair_column must be unset")
 
@@ -120,7 +125,7 @@ class SlotsTask(Task):
         tagged = load_tagging_splits(
             self.config.data, self.args, self.config.training.seed, with_intent=self.with_intent
         )
-        self.labels, self.intents = tagged.tags, tagged.intents
+        self.labels, self.intents, self.unseen = tagged.tags, tagged.intents, tagged.unseen
         return tagged.splits
 
     def label_info(self) -> dict[str, Any]:
@@ -260,14 +265,14 @@ class SlotsTask(Task):
 
     def compute_metrics(self, prediction: EvalPrediction) -> dict[str, float]:
         slot_logits, intent_logits, slot_ids, intent_ids = split_outputs(prediction.predictions, prediction.label_ids)
-        gold, predicted = word_tags(slot_logits, slot_ids, self.labels)
+        gold, predicted = word_tags(slot_logits, slot_ids, self.labels, self.unseen.tags)
         intent_predicted = np.argmax(intent_logits, axis=-1).tolist() if intent_logits is not None else None
         intent_gold = intent_ids.tolist() if intent_ids is not None else None
         return self.score(gold, predicted, intent_gold, intent_predicted)
 
     def write_reports(self, predictions: Any, label_ids: Any, out_dir: Path, split: str) -> None:
         slot_logits, intent_logits, slot_ids, intent_ids = split_outputs(predictions, label_ids)
-        gold, predicted = word_tags(slot_logits, slot_ids, self.labels)
+        gold, predicted = word_tags(slot_logits, slot_ids, self.labels, self.unseen.tags)
         intent_predicted = self.intent_predictions(intent_logits) if intent_logits is not None else None
         self._write_reports(gold, predicted, intent_ids, intent_predicted, out_dir, split)
         if self.oos is not None and intent_logits is not None:
@@ -278,9 +283,10 @@ class SlotsTask(Task):
         """Score one split at the end of training; for the joint task with an OOS detector, choose its threshold on
         validation first and score the intents with it (argmax figures kept as `argmax_*`)."""
         data = self.config.data
-        if not self.with_intent or data.oos_detector == "none":
-            return super().evaluate_trained(trainer, dataset, role, out_dir)
         prefix = "eval" if role == "validation" else "test"
+        unseen = {f"{prefix}_{k}": v for k, v in self.unseen.metrics(role).items()}  # what unseen_labels did
+        if not self.with_intent or data.oos_detector == "none":
+            return {**super().evaluate_trained(trainer, dataset, role, out_dir), **unseen}
         result = trainer.predict(dataset, metric_key_prefix=prefix)
         slot_logits, intent_logits, slot_ids, intent_ids = split_outputs(result.predictions, result.label_ids)
         if role == "validation":
@@ -299,7 +305,7 @@ class SlotsTask(Task):
                     ("loss", "runtime", "samples_per_second", "steps_per_second")}  # fmt: skip
         if trainer.is_world_process_zero():
             self.write_reports(result.predictions, result.label_ids, out_dir, role)
-        return metrics
+        return {**metrics, **unseen}
 
     def _write_reports(self, gold, predicted, intent_gold, intent_predicted, out_dir: Path, split: str) -> None:
         """Per slot type precision/recall/F1 in `{split}_report.{json,txt}` (the classification report's layout, so
@@ -343,7 +349,8 @@ class SlotsTask(Task):
         """Word-level logits for many queries, batched by length so that little time goes to padding."""
         max_len = self._max_length(run.tokenizer)
         out: list[QueryOutput | None] = [None] * len(word_lists)
-        for idx in length_batches([sum(len(w) + 1 for w in words) for words in word_lists], batch_size):
+        batches = list(length_batches([sum(len(w) + 1 for w in words) for words in word_lists], batch_size))
+        for idx in progress(batches, "tagging queries"):
             enc, word_ids = encode_words(run.tokenizer, [word_lists[i] for i in idx], max_len, padding=True)
             inputs = {k: torch.tensor(v, device=run.device) for k, v in enc.items()}
             output = run.model(**inputs)
@@ -413,7 +420,8 @@ class SlotsTask(Task):
 
         Words without a sub-token (cut by truncation) are left out of the scores, as in evaluation during training.
         """
-        ds = load_tagging_eval_split(self.config.data, self.args, split, self.labels, self.intents)
+        unseen = Unseen.of(self.config.data.unseen_labels)
+        ds = load_tagging_eval_split(self.config.data, self.args, split, self.labels, self.intents, unseen)
         outputs = self.infer(run, ds["words"], batch_size)
         gold, predicted, lost = [], [], []
         for tags, output in zip(ds["tags"], outputs, strict=True):
@@ -435,11 +443,13 @@ class SlotsTask(Task):
             metrics |= {f"intent_{k}": v for k, v in oos.detection_metrics(
                 intent_logits, np.asarray(intent_gold), self.oos, self.intent_oos_id, self.intent_oos_answer).items()}  # fmt: skip
         self._write_reports(gold, predicted, intent_gold, intent_predicted, out_dir, split)
-        return {"num_examples": len(ds), **metrics}
+        return {"num_examples": len(ds), **unseen.metrics(split), **metrics}
 
     # --- export
     def verification_texts(self, run, split: str) -> tuple[list[str], list[str] | None]:
-        ds = load_tagging_eval_split(self.config.data, self.args, split, self.labels, self.intents)
+        # Only the words are compared: tags the run never saw are kept, whatever unseen_labels says.
+        ds = load_tagging_eval_split(self.config.data, self.args, split, self.labels, self.intents,
+                                     Unseen.of("as_wrong"))  # fmt: skip
         return [" ".join(words) for words in ds["words"]], None
 
     def verification_outputs(self, run, texts, pairs, batch_size: int = 64) -> dict[str, Any]:
@@ -489,7 +499,7 @@ class IntentSlotsTask(SlotsTask):
 
     @property
     def trainer_class(self):
-        return distill.DistillationTrainer if self.config.model.distill_teacher else Trainer
+        return trainer_class_for(self.config.model)
 
     def trainer_kwargs(self, tokenizer) -> dict[str, Any]:
         if not self.config.model.distill_teacher:
