@@ -113,7 +113,7 @@ def test_distilled_student_trains_saves_and_reloads_with_identical_logits(tmp_pa
                           max_steps=4, student_layers=layers, distill_teacher=str(teacher), distill_alpha=0.7,
                           distill_temperature=2.0)  # fmt: skip
     result = run(load_config(exp))
-    assert type(result.trainer) is distill.DistillationTrainer and result.trainer.distill_alpha == 0.7
+    assert isinstance(result.trainer, distill.DistillationTrainer) and result.trainer.distill_alpha == 0.7
     assert distill.TEACHER_COLUMN in result.trainer.train_dataset.column_names
     saved = json.loads((result.output_dir / "config.json").read_text()) if method == "full" else None
     assert saved is None or saved["num_hidden_layers"] == 1
@@ -227,7 +227,7 @@ def test_joint_student_distils_its_intent_head_and_keeps_the_slot_loss(tmp_path)
                           distill_teacher=str(teacher), student_layers=[1])  # fmt: skip
     result = run(load_config(exp))
     trainer = result.trainer
-    assert type(trainer) is distill.DistillationTrainer and trainer.logits_key == "intent_logits"
+    assert isinstance(trainer, distill.DistillationTrainer) and trainer.logits_key == "intent_logits"
     column = np.asarray(trainer.train_dataset[distill.TEACHER_COLUMN])
     loaded_teacher = LoadedRun(teacher)
     assert column.shape == (24, len(loaded_teacher.task.intents))

@@ -287,11 +287,13 @@ def test_fuzz_the_live_server_from_its_openapi_schema(server, tmp_path):
     proc = subprocess.run(
         [schemathesis, "run", f"{server}/openapi.json", "--checks", "not_a_server_error,response_schema_conformance",
          "--max-examples", "40", "--workers", "1", "--seed", "42", "--request-timeout", "30", "--wait-for-schema",
-         "30", "--generation-database", "none", "--no-color", "--suppress-health-check", "all"],
+         "30", "--generation-database", "none", "--no-color", "--suppress-health-check", "all",
+         "--exclude-path", "/search"],  # an intent run has no catalogue: /search is 404 here (tests/test_search.py)
         capture_output=True, text=True, timeout=360, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert "Tested: 4" in proc.stdout and "No issues found" in proc.stdout, proc.stdout[-3000:]
+    assert "Tested: 4" in proc.stdout  # /predict, /health, /metadata, /metrics
+    assert "No issues found" in proc.stdout, proc.stdout[-3000:]
     after = httpx.get(f"{server}/metrics").text
     answered = _metric(after, 'querytune_requests_total{endpoint="/predict",status="200"}') - _metric(
         before, 'querytune_requests_total{endpoint="/predict",status="200"}')  # fmt: skip
@@ -400,7 +402,8 @@ class StandInRun:
     """What the app needs of a loaded run; its model call fails on queries holding `fail_on` with `error`."""
 
     def __init__(self, fail_on: str | None = None, error: type[Exception] = ValueError, delay: float = 0.0) -> None:
-        self.task = SimpleNamespace(request_inputs=(), default_top_k=3, labels=["even", "odd"])
+        self.task = SimpleNamespace(request_inputs=(), default_top_k=3, labels=["even", "odd"],
+                                    search_unsupported=lambda: "a stand-in intent run has no catalogue")  # fmt: skip
         model = SimpleNamespace(model_name_or_path="/home/someone/models/bert")
         self.config = SimpleNamespace(data=SimpleNamespace(task="intent"), model=model)
         self.info = {"base_model": "/home/someone/models/bert", "metrics": {"test_accuracy": 0.5}}

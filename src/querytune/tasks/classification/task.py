@@ -18,6 +18,7 @@ from querytune import distill
 from querytune.batching import encoded_batches
 from querytune.data import UnseenLabels
 from querytune.metrics import load_metric
+from querytune.progress import progress
 from querytune.tasks.base import Task
 from querytune.tasks.classification import oos
 from querytune.tasks.classification.data import load_classification_splits, load_eval_split
@@ -242,7 +243,8 @@ class ClassificationTask(Task):
     def logits(self, run, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64) -> np.ndarray:
         """Logits for many queries; batches are formed by token count so little time goes to padding."""
         out: list[np.ndarray | None] = [None] * len(texts)
-        for idx, enc in encoded_batches(run.tokenizer, texts, pairs, batch_size, self.config.model.max_seq_length):
+        batches = encoded_batches(run.tokenizer, texts, pairs, batch_size, self.config.model.max_seq_length)
+        for idx, enc in progress(batches, "scoring queries", total=-(-len(texts) // batch_size)):
             logits = run.model(**enc.to(run.device)).logits.float().cpu().numpy()
             for row, i in enumerate(idx):
                 out[i] = logits[row]
