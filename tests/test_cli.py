@@ -412,6 +412,7 @@ def test_long_steps_show_progress_bars(finished_run, tmp_path, capsys, monkeypat
     from querytune import progress
 
     monkeypatch.setattr(progress, "DELAY_S", 0.0)
+    monkeypatch.setattr(progress, "_ENABLED", True)  # a server started in-process by an earlier test turns bars off
     assert main(["export", str(finished_run), "--output_dir", str(tmp_path / "merged"), "--verify_samples", "8"]) == 0
     captured = capsys.readouterr()
     assert "verifying the export on 8 queries: PyTorch run: scoring queries" in captured.err
