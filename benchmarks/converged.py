@@ -204,6 +204,8 @@ def main() -> None:
     parser.add_argument("--force_load", action="store_true", help="start a row even when the machine is busy")
     parser.add_argument("--report_only", action="store_true", help="rewrite the tables from finished rows")
     parser.add_argument("--note", default="", help="a paragraph appended to the tables")
+    parser.add_argument("--refresh_oos", nargs="*", default=[], choices=list(ROWS),
+                        help="recompute these finished rows' OOS tables (after a change of the rules)")  # fmt: skip
     args = parser.parse_args()
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
@@ -213,6 +215,9 @@ def main() -> None:
     oos_tables: dict[str, list] = json.loads(oos_file.read_text()) if oos_file.is_file() else {}
     from querytune.runs import MARKER
 
+    for name in args.refresh_oos:
+        oos_tables[name] = oos_rows(runs / name)
+        oos_file.write_text(json.dumps(oos_tables, indent=2, default=float))
     for name in [] if args.report_only else args.rows:
         if name in done and not args.force and (runs / name / MARKER).is_file():
             continue
