@@ -48,6 +48,32 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
+class OtherCpu:
+    """CPU used by processes other than this one and its waited-for children while a measurement ran, in cores.
+
+    The 1-minute load average cannot tell: a 2-thread benchmark lifts it to ~2 by itself. This takes the machine's
+    busy time (`/proc/stat`) minus this process tree's own CPU time (`getrusage`), over the wall time.
+    """
+
+    def __init__(self) -> None:
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float]:
+        import resource
+
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        # user, nice, system, irq, softirq: not idle, iowait, or steal (time the hypervisor gave to other guests)
+        busy = (sum(fields[:7]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+        own = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                  for f in ("ru_utime", "ru_stime"))  # fmt: skip
+        return time.monotonic(), busy, own
+
+    def cores(self) -> float:
+        wall, busy, own = (b - a for a, b in zip(self.start, self._sample(), strict=True))
+        return max(0.0, (busy - own) / wall) if wall > 0 else 0.0
+
+
 def check_load(force: bool = False, limit: float = 1.5, wait_s: float = 300) -> float:
     """Refuse to start a measurement on a busy machine: on 2 cores, a second torch process slows both 10-20x.
 

@@ -43,11 +43,10 @@ def synthetic(n: int, dim: int, seed: int, centres: np.ndarray | None = None) ->
     return out, centres
 
 
-def commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+def dirty_note() -> str:
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
                            cwd=REPO).stdout.strip()  # fmt: skip
-    return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+    return " (with uncommitted changes)" if dirty else ""  # the commit itself is in machine_description()
 
 
 def recall_at(found: np.ndarray, exact: np.ndarray) -> float:
@@ -73,8 +72,8 @@ def write_table(args: argparse.Namespace, rows: list[dict], header: dict) -> Non
     lines = [
         f"# Nearest-neighbour search over {args.n:,} vectors: faiss against exact",
         "",
-        f"Measured by `python benchmarks/faiss_index.py {' '.join(sys.argv[1:])}` on {header['machine']}, commit "
-        f"{header['commit']}, {args.threads} faiss threads. Vectors: {header['vectors']}. "
+        f"Measured by `python benchmarks/faiss_index.py {' '.join(sys.argv[1:])}` on {header['machine']}"
+        f"{header['commit']}; {args.threads} faiss threads. Vectors: {header['vectors']}. "
         f"{args.queries:,} queries, top {args.k}; recall@{args.k} is the share of the exact top {args.k} that the "
         "index returns, averaged over queries. Queries/s: all queries in one `search` call (batch), and the first "
         f"{args.single} one at a time (what a server answering one request sees). Build time: train + add. The "
@@ -130,7 +129,7 @@ def main() -> None:
         queries, _ = synthetic(args.queries, args.dim, args.seed + 1, centres)
         vectors = (f"synthetic, {args.dim}-d unit vectors from {len(centres):,} Gaussian clusters (seed {args.seed}); "
                    "queries from the same clusters")  # fmt: skip
-    header = {"machine": machine_description(), "commit": commit(), "vectors": vectors}
+    header = {"machine": machine_description(), "commit": dirty_note(), "vectors": vectors}
     tag = f"n{args.n}-d{docs.shape[1]}-s{args.seed}-{'real' if args.vectors else 'syn'}"
     saved = cache / f"rows-{tag}-q{args.queries}-k{args.k}.json"
     done = {} if args.force or not saved.is_file() else json.loads(saved.read_text())
