@@ -48,6 +48,13 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
+def uncommitted_note() -> str:
+    """The note " (uncommitted changes)" when tracked files differ from HEAD (`machine_description()` names HEAD)."""
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           cwd=Path(__file__).resolve().parents[1]).stdout.strip()  # fmt: skip
+    return " (uncommitted changes)" if dirty else ""
+
+
 class OtherCpu:
     """CPU used by processes other than this one and its waited-for children while a measurement ran, in cores.
 

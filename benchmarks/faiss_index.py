@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,12 +40,6 @@ def synthetic(n: int, dim: int, seed: int, centres: np.ndarray | None = None) ->
         x = centres[rng.integers(len(centres), size=m)] + 0.35 * rng.normal(size=(m, dim)).astype(np.float32)
         out[start : start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out, centres
-
-
-def dirty_note() -> str:
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                           cwd=REPO).stdout.strip()  # fmt: skip
-    return " (with uncommitted changes)" if dirty else ""  # the commit itself is in machine_description()
 
 
 def recall_at(found: np.ndarray, exact: np.ndarray) -> float:
@@ -112,6 +105,9 @@ def main() -> None:
 
     faiss.omp_set_num_threads(args.threads)
     sys.path.insert(0, str(REPO / "src"))
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from common import uncommitted_note
+
     from querytune.report import machine_description
 
     cache = Path(args.cache)
@@ -129,7 +125,7 @@ def main() -> None:
         queries, _ = synthetic(args.queries, args.dim, args.seed + 1, centres)
         vectors = (f"synthetic, {args.dim}-d unit vectors from {len(centres):,} Gaussian clusters (seed {args.seed}); "
                    "queries from the same clusters")  # fmt: skip
-    header = {"machine": machine_description(), "commit": dirty_note(), "vectors": vectors}
+    header = {"machine": machine_description(), "commit": uncommitted_note(), "vectors": vectors}
     tag = f"n{args.n}-d{docs.shape[1]}-s{args.seed}-{'real' if args.vectors else 'syn'}"
     saved = cache / f"rows-{tag}-q{args.queries}-k{args.k}.json"
     done = {} if args.force or not saved.is_file() else json.loads(saved.read_text())

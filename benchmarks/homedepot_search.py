@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from common import train  # noqa: E402
+from common import train, uncommitted_note  # noqa: E402
 
 from querytune.config import load_config  # noqa: E402
 from querytune.runs import MARKER  # noqa: E402
@@ -68,13 +68,6 @@ TARGETS = [  # (row, metric, target or another row, what issue 18 asks)
     ("hybrid", "recall@100", 0.85, "hybrid R@100 >= 0.85"),
     ("hybrid-rerank", "ndcg@10", 0.45, "hybrid + cross-encoder rerank nDCG@10 >= 0.45"),
 ]
-
-
-def commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                           cwd=REPO).stdout.strip()  # fmt: skip
-    return out.stdout.strip() + (" (uncommitted changes)" if dirty else "")
 
 
 def cpu_seconds() -> float:
@@ -220,8 +213,8 @@ def write_table(args: argparse.Namespace, rows: dict[str, dict], header: dict) -
     lines = [
         "# Home Depot product search: all test queries, whole catalogue (all-MiniLM-L6-v2)",
         "",
-        f"Measured by `python benchmarks/homedepot_search.py {' '.join(sys.argv[1:])}` on {header['machine']}; "
-        f"querytune commit {header['commit']}. {header['sizes']}",
+        f"Measured by `python benchmarks/homedepot_search.py {' '.join(sys.argv[1:])}` on {header['machine']}"
+        f"{header['commit']}. {header['sizes']}",
         "",
         "nDCG uses graded gain `relevance - 1` (unjudged products: 0); MRR, MAP and recall count `relevance >= 2.5` "
         "as relevant (queries without such a product are left out of them). **The judgement pool came from a "
@@ -288,7 +281,7 @@ def main() -> None:
         + (f"{args.max_steps} steps" if args.max_steps else
            f"{args.epochs:g} epoch(s) bi-encoders, {args.rerank_epochs:g} cross-encoder")
         + ".")  # fmt: skip
-    header = {"machine": machine_description(), "commit": commit(), "sizes": sizes}
+    header = {"machine": machine_description(), "commit": uncommitted_note(), "sizes": sizes}
     rows: dict[str, dict] = {}
     for name in ROWS:
         saved = runs / "rows" / f"{name}.json"
