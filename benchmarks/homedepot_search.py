@@ -232,7 +232,11 @@ def write_table(args: argparse.Namespace, rows: dict[str, dict], header: dict) -
         r = rows.get(name)
         if r is None:
             continue
-        notes = "; ".join(x for x in (r.get("fusion"), r.get("note"),
+        results = run_dir(args, name) / "all_results.json"
+        trained = json.loads(results.read_text()).get("train_epoch") if spec["kind"] == "train" and \
+            results.is_file() else None  # fmt: skip
+        notes = "; ".join(x for x in (f"{trained:.2f} epoch(s) trained" if trained else None, r.get("fusion"),
+                                       r.get("note"),
                                        f"first stage nDCG@10 {r['first stage nDCG@10']:.3f}"
                                        if r.get("first stage nDCG@10") is not None else None) if x)  # fmt: skip
         cells = [name, spec["system"], *[_fmt(r.get(m)) for m in METRICS], str(r.get("num_queries", "–")),
@@ -279,7 +283,8 @@ def main() -> None:
         f"train queries: {args.train_queries or 'all'}; test and validation queries: {args.test_queries or 'all'}; "
         f"catalogue: {args.catalogue_sample or 'all 54,667'} products; training: "
         + (f"{args.max_steps} steps" if args.max_steps else
-           f"{args.epochs:g} epoch(s) bi-encoders, {args.rerank_epochs:g} cross-encoder")
+           f"{args.epochs:g} epoch(s) bi-encoders, {args.rerank_epochs:g} cross-encoder (this invocation's rows; "
+           "the notes say what each trained row ran)")
         + ".")  # fmt: skip
     header = {"machine": machine_description(), "commit": uncommitted_note(), "sizes": sizes}
     rows: dict[str, dict] = {}
