@@ -51,6 +51,8 @@ for variant in ("houlsby", "pfeiffer"):
     for lr in ("3e-4", "1e-3", "3e-3", "1e-2"):
         ROWS[f"sweep-{variant}-lr{lr}"] = (f"intent/clinc150-adapter-{variant}.yaml", "clinc150",
                                            ["--learning_rate", lr, "--num_train_epochs", "2"], "lr sweep, 2 epochs")  # fmt: skip
+ROWS["clinc150-adapter-pfeiffer-lr1e-2"] = ("intent/clinc150-adapter-pfeiffer.yaml", "clinc150", ["--learning_rate", "1e-2"],
+                                            "at the sweep's best lr, 1e-2")  # fmt: skip
 DETECTORS = ("msp", "energy", "oos_class")
 RULES = (("in_scope_drop", "within 0.3 pt of argmax in-scope acc (the experiment files' setting)"), ("max_sum", "max in-scope acc + OOS recall"),
          ("in_scope_recall", "keeps 95% of in-scope validation queries"))  # fmt: skip
