@@ -62,7 +62,9 @@ def main() -> None:
     parser.add_argument("--run", required=True, help="a finished CLINC150 intent run (full fine-tune or LoRA)")
     parser.add_argument("--data", default=str(REPO.parent / "shared/data/clinc150"))
     parser.add_argument("--settings", nargs="+", default=None, help="default: every QUANT_SETTINGS entry")
-    parser.add_argument("--graphs", nargs="+", default=["fused", "plain"], choices=["fused", "plain"])
+    parser.add_argument("--graphs", nargs="+", default=["fused", "fused-mha", "plain"],
+                        choices=["fused", "fused-mha", "plain"],
+                        help="fused: packed Attention (fp32); fused-mha: Q, K, V MatMuls before MultiHeadAttention")  # fmt: skip
     parser.add_argument("--plain_settings", nargs="+", default=None, help="settings tried on the plain graph "
                         "(default: the same as --settings)")  # fmt: skip
     parser.add_argument("--max_queries", type=int, default=None, help="first N (shuffled) queries of each split")
@@ -97,7 +99,9 @@ def main() -> None:
         for graph in args.graphs:
             export_dir = work / f"fp32-{graph}"
             print(f"exporting the {graph} fp32 graph ...", flush=True)
-            info = ex.export_run(run, fmt="onnx", output_dir=export_dir, overwrite=True, optimize=graph == "fused")
+            attention = "mha" if graph == "fused-mha" else "packed"
+            info = ex.export_run(run, fmt="onnx", output_dir=export_dir, overwrite=True, optimize=graph != "plain",
+                                 attention=attention)  # fmt: skip
             opt = info["optimizer"]
             graph_notes[graph] = (f"fused {opt.get('fused')} (max logit diff vs PyTorch "
                                   f"{opt['check']['max_abs_logit_diff']:.2g})" if opt["applied"]
@@ -111,8 +115,10 @@ def main() -> None:
             cache: dict = {}
             ranked = cache[(str(src), ("MatMul",), True)] = ex.sensitivity(src, feeds, ("MatMul",), work, True)
             sensitivity_tables[graph] = ranked
-            tried = settings if graph == "fused" or args.plain_settings is None else [
+            tried = settings if graph != "plain" or args.plain_settings is None else [
                 ex.quant_setting(n) for n in args.plain_settings]  # fmt: skip
+            # a setting names the fused graph it is for; the plain graph takes the packed ones (no attention fused)
+            tried = [s for s in tried if s.attention == (attention if graph != "plain" else "packed")]
             candidates = [(None, "fp32")] + [(s, s.name) for s in tried]
             for setting, name in candidates:
                 dst = work / f"{graph}-{name}.onnx"

@@ -255,6 +255,27 @@ def test_fused_export_matches_pytorch_and_records_the_fusions(lora_run, tmp_path
     assert legacy["verification"]["outputs"]["logits"]["top1_agreement"] == 1.0
 
 
+def test_mha_attention_fusion_leaves_qkv_to_int8(lora_run, tmp_path):
+    """attention "mha": a MultiHeadAttention core per layer with Q, K, V as MatMul nodes, matching the run in fp32;
+    its int8 settings quantize those projections, which the packed Attention keeps fp32."""
+    import onnx
+
+    fp32 = export_run(lora_run, fmt="onnx", output_dir=tmp_path / "mha", attention="mha")
+    assert fp32["optimizer"]["applied"] is True and fp32["optimizer"]["attention"] == "mha"
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "mha" / ONNX_FILE)).graph.node]
+    assert ops.count("MultiHeadAttention") == 2 and "Attention" not in ops and "SkipLayerNormalization" in ops
+    assert fp32["verification"]["outputs"]["logits"]["max_abs_logit_diff"] <= FUSION_TOLERANCE
+
+    def integer_matmuls(name: str) -> int:
+        export_run(lora_run, fmt="onnx", quantize="int8", output_dir=tmp_path / name, quantization=name)
+        ops = [n.op_type for n in onnx.load(str(tmp_path / name / ONNX_FILE)).graph.node]
+        return ops.count("MatMulInteger") + ops.count("DynamicQuantizeMatMul")
+
+    assert integer_matmuls("mha-dynamic-matmul-pc") >= integer_matmuls("dynamic-matmul-pc") + 2 * 3  # Q, K, V x 2
+    with pytest.raises(ExportError, match="unknown attention fusion 'flash'"):
+        export_run(lora_run, fmt="onnx", output_dir=tmp_path / "bad", attention="flash")
+
+
 def test_a_fused_graph_that_differs_from_the_run_is_not_served(lora_run, tmp_path, monkeypatch):
     """The optimizer's output is checked, not trusted: a graph whose logits moved is replaced by the plain one."""
     import onnx

@@ -141,9 +141,33 @@ def graph_ops(path: str | Path) -> dict[str, int]:
     )
 
 
-def optimize_graph(src: Path, dst: Path, model_config: Any, exporter: str = "dynamo") -> dict[str, Any]:
+ATTENTION_FUSIONS = ("packed", "mha")
+
+
+def _ort_fusions(model: Any, attention: str) -> tuple[Any, dict[str, int]]:
+    """onnxscript's `optimize_for_ort`; with attention "mha" its last attention step (packing the Q, K, V
+    projections into one `Attention` op) is left out, so the projections stay MatMul nodes (int8 can reach them) in
+    front of a fused `MultiHeadAttention` core."""
+    from onnxscript.rewriter.ort_fusions import _core, optimize_for_ort
+
+    if attention == "packed":
+        return optimize_for_ort(model)
+    packed = _core.fuse_attention
+    _core.fuse_attention = lambda model, debug=False: 0  # the one step fuse_xformers offers no switch for
+    try:
+        return optimize_for_ort(model)
+    finally:
+        _core.fuse_attention = packed
+
+
+def optimize_graph(src: Path, dst: Path, model_config: Any, exporter: str = "dynamo",
+                   attention: str = "packed") -> dict[str, Any]:  # fmt: skip
     """Fuse attention, skip + LayerNorm and bias + GELU in an encoder graph; writes `dst` as one file and returns
     what was fused. The caller checks the fused graph against the run before serving it.
+
+    `attention` (dynamo graphs): "packed" fuses each block into one `Attention` op with packed Q, K, V weights (no
+    int8 form: ONNX Runtime's QAttention takes no additive attention bias, which this graph's mask becomes);
+    "mha" keeps the three projections as MatMul nodes before a `MultiHeadAttention` op, so int8 reaches them.
 
     Which tool fuses depends on how the graph was exported (measured on all-MiniLM-L6-v2, transformers 5.23,
     onnxruntime 1.32, onnxscript 0.7.2): on the dynamo graph onnxscript's `optimize_for_ort` fuses all 6 attention
@@ -154,9 +178,10 @@ def optimize_graph(src: Path, dst: Path, model_config: Any, exporter: str = "dyn
     """
     if exporter == "dynamo":
         import onnx_ir as ir
-        from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
-        model, counts = optimize_for_ort(ir.load(str(src)))
+        if attention not in ATTENTION_FUSIONS:
+            raise ExportError(f"unknown attention fusion {attention!r}; use one of {', '.join(ATTENTION_FUSIONS)}")
+        model, counts = _ort_fusions(ir.load(str(src)), attention)
         ir.save(model, str(dst))
         tool = "onnxscript.rewriter.ort_fusions.optimize_for_ort"
         fused = {name: n for name, n in counts.items() if n}
@@ -173,7 +198,7 @@ def optimize_graph(src: Path, dst: Path, model_config: Any, exporter: str = "dyn
         optimized.save_model_to_file(str(dst))
         tool = "onnxruntime.transformers.optimizer (model_type bert)"
         fused = {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
-    return {"tool": tool, "fused": fused, "ops": graph_ops(dst)}
+    return {"tool": tool, "fused": fused, "ops": graph_ops(dst), "attention": attention}
 
 
 # --- int8 quantization: recorded settings, a per-node sensitivity pass, calibration on training queries
@@ -191,6 +216,7 @@ class QuantSetting:
     calibrate_method: str = "MinMax"  # static: MinMax, Entropy or Percentile
     calibration_queries: int = 512  # training queries for calibration and for the sensitivity pass
     smooth_alpha: float | None = None  # SmoothQuant (`smooth_graph`) with this migration strength before quantizing
+    attention: str = "packed"  # the fused graph it applies to (`optimize_graph`): "mha" lets int8 reach Q, K, V
 
     def describe(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -214,6 +240,16 @@ QUANT_SETTINGS: dict[str, QuantSetting] = {
         ),
         QuantSetting("static-qdq-matmul-pc-smooth0.5", static=True, quant_format="QDQ", smooth_alpha=0.5),
         QuantSetting("static-qoperator-matmul-pc", static=True),
+        # The same on a graph whose attention is fused without packing Q, K, V (their MatMuls int8 too).
+        QuantSetting("mha-dynamic-matmul-pc", attention="mha"),
+        *(QuantSetting(f"mha-dynamic-matmul-pc-skip{k}", attention="mha", exclude_sensitive=k) for k in (4, 8)),
+        *(QuantSetting(f"mha-dynamic-matmul-pc-smooth{a}", attention="mha", smooth_alpha=a) for a in (0.5, 0.75)),
+        *(
+            QuantSetting(
+                f"mha-dynamic-matmul-pc-smooth0.5-skip{k}", attention="mha", smooth_alpha=0.5, exclude_sensitive=k
+            )
+            for k in (4, 8)
+        ),  # fmt: skip
     )
 }
 # Chosen by benchmarks/quantization.py on CLINC150 validation (benchmarks/results/quantization.md, fused graph): the
@@ -499,8 +535,10 @@ def graph_outputs(run: LoadedRun, graph: Path, texts: list[str], pairs: list[str
 
 
 def finish_graph(run: LoadedRun, raw: Path, dst: Path, work: Path, model_config: Any, input_names: list[str],
-                 optimize: bool, setting: QuantSetting | None, check: tuple, exporter: str = "dynamo") -> dict[str, Any]:  # fmt: skip
+                 optimize: bool, setting: QuantSetting | None, check: tuple, exporter: str = "dynamo",
+                 attention: str | None = None) -> dict[str, Any]:  # fmt: skip
     """From the exported graph to the served one (`dst`, one file): fusions if they match the run, then int8.
+    `attention` is the attention fusion (default: the int8 setting's, else "packed").
 
     `check` is (texts, pairs, the run's outputs on them): the verification sample. Returns the marker's record of
     both steps.
@@ -513,7 +551,8 @@ def finish_graph(run: LoadedRun, raw: Path, dst: Path, work: Path, model_config:
     if optimize:
         fused = work / "fused.onnx"
         try:
-            result = optimize_graph(raw, fused, model_config, exporter)
+            attention = attention or (setting.attention if setting is not None else "packed")
+            result = optimize_graph(raw, fused, model_config, exporter, attention)
         except Exception as err:  # noqa: BLE001  (a pattern the optimizer cannot handle: serve the plain graph)
             record["optimizer"] = {"applied": False, "reason": f"the optimizer failed: {type(err).__name__}: {err}"}
         else:
@@ -573,10 +612,12 @@ def export_run(
     quantization: str | None = None,
     allow_status: tuple[str, ...] | str | None = ("finished",),
     trust_remote_code: bool = False,
+    attention: str | None = None,
 ) -> dict[str, Any]:
     """Export a finished run, verify it against the PyTorch run, and mark the export finished; returns the marker.
 
-    ONNX: `optimize` runs the transformer optimizer (kept where the fused graph matches the run); `quantization`
+    ONNX: `optimize` runs the transformer optimizer (kept where the fused graph matches the run; `attention`, its
+    attention fusion, defaults to the int8 setting's or "packed"); `quantization`
     names the int8 setting (`QUANT_SETTINGS`, default `DEFAULT_QUANT`) of `quantize="int8"`. `trust_remote_code` lets the base model's custom code run (a run's saved value is ignored:
     see `LoadedRun`).
     """
@@ -588,6 +629,8 @@ def export_run(
         raise ExportError("--quantize int8 applies to --format onnx (ONNX Runtime dynamic quantization)")
     if verify_samples < 1:
         raise ExportError("--verify_samples must be at least 1")
+    if attention is not None and attention not in ATTENTION_FUSIONS:
+        raise ExportError(f"unknown attention fusion {attention!r}; use one of {', '.join(ATTENTION_FUSIONS)}")
     if quantization is not None and quantize is None:
         raise ExportError("--quantization names an int8 setting: it needs --quantize int8")
     setting = quant_setting(quantization or DEFAULT_QUANT) if quantize == "int8" else None
@@ -663,7 +706,7 @@ def export_run(
         except Exception as err:  # noqa: BLE001  (torch.onnx raises many types; say which run and method failed)
             raise ExportError(f"ONNX export of {run_dir} (method {method}) failed with {exporter}: {err}") from err
         graph_record = finish_graph(reference, raw, out / ONNX_FILE, work, inner.config, inputs, optimize, setting,
-                                    (texts, pairs, reference_outputs()), exporter)  # fmt: skip
+                                    (texts, pairs, reference_outputs()), exporter, attention)  # fmt: skip
         shutil.rmtree(work)
 
     info: dict[str, Any] = {
