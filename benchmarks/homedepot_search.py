@@ -61,12 +61,16 @@ ROWS: dict[str, dict] = {  # fmt: skip
                "from": "bi-encoder-distilled"},  # fmt: skip
     "hybrid-rerank": {"system": "hybrid top 100 -> cross-encoder rerank", "kind": "eval",
                       "needs": ["cross-encoder", "bi-encoder-distilled"]},  # fmt: skip
+    "hybrid-rerank-fused": {"system": "hybrid top 100 -> cross-encoder, its scores fused with the hybrid's "
+                            "(rerank_interpolation: fusion chosen on validation)", "kind": "eval", "interpolate": True,
+                            "needs": ["cross-encoder", "bi-encoder-distilled"]},  # fmt: skip
 }  # fmt: skip
 TARGETS = [  # (row, metric, target or another row, what issue 18 asks)
     ("bi-encoder-distilled", "ndcg@10", "bm25", "fine-tuned bi-encoder alone >= BM25 on the same queries"),
     ("hybrid", "ndcg@10", 0.40, "hybrid nDCG@10 >= 0.40"),
     ("hybrid", "recall@100", 0.85, "hybrid R@100 >= 0.85"),
     ("hybrid-rerank", "ndcg@10", 0.45, "hybrid + cross-encoder rerank nDCG@10 >= 0.45"),
+    ("hybrid-rerank-fused", "ndcg@10", 0.45, "hybrid + cross-encoder rerank nDCG@10 >= 0.45 (scores fused)"),
 ]
 
 
@@ -128,10 +132,10 @@ def baseline(args: argparse.Namespace, name: str, out_dir: Path) -> dict:
     return row
 
 
-def describe_fusion(record: dict) -> str:
+def describe_fusion(record: dict, names: tuple[str, ...] = ("bm25", "dense")) -> str:
     params = record["params"]
-    setting = f"k={params['k']}" if "k" in params else f"weights bm25 {params['weights'][0]:.2f} / dense " \
-                                                         f"{params['weights'][1]:.2f}"  # fmt: skip
+    setting = f"k={params['k']}" if "k" in params else f"weights {names[0]} {params['weights'][0]:.2f} / " \
+                                                         f"{names[1]} {params['weights'][1]:.2f}"  # fmt: skip
     return f"{record['fusion']} ({setting}; validation nDCG@10 {record['validation_ndcg@10']:.3f})"
 
 
@@ -168,17 +172,20 @@ def derived(args: argparse.Namespace, name: str) -> dict:
     return row
 
 
-def hybrid_rerank(args: argparse.Namespace) -> dict:
-    """`querytune eval` of the cross-encoder over the hybrid top 100 of the distilled bi-encoder, all test queries."""
+def hybrid_rerank(args: argparse.Namespace, name: str) -> dict:
+    """`querytune eval` of the cross-encoder over the hybrid top 100 of the distilled bi-encoder, all test queries
+    (with `rerank_interpolation`, the fusion with the hybrid scores is chosen on the validation queries first)."""
     rerank, retrieval = run_dir(args, "cross-encoder"), run_dir(args, "bi-encoder-distilled")
     cmd = [sys.executable, "-m", "querytune", "eval", str(rerank), "--split", "test", "--rerank_first_stage", "hybrid",
            "--rerank_retrieval_run", str(retrieval), *data_overrides(args)[:2]]  # fmt: skip
+    if ROWS[name].get("interpolate"):
+        cmd += ["--rerank_interpolation", "true"]
     if args.test_queries:
         cmd += ["--max_eval_queries", str(args.test_queries)]
     if args.catalogue_file:
         cmd += ["--catalogue_file", args.catalogue_file]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    log = Path(args.runs) / "hybrid-rerank.log"
+    log = Path(args.runs) / f"{name}.log"
     with log.open("w") as fh:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=fh, env=env, cwd=REPO, text=True)
     if proc.returncode != 0:
@@ -186,6 +193,12 @@ def hybrid_rerank(args: argparse.Namespace) -> dict:
     metrics = json.loads(proc.stdout)
     row = {m: metrics.get(m) for m in METRICS} | {"num_queries": metrics.get("num_queries")}
     row["first stage nDCG@10"] = metrics.get("first_stage_ndcg@10")
+    if ROWS[name].get("interpolate"):
+        evals = rerank / "evals" / f"{Path(args.data).name}-test"  # where `querytune eval` writes
+        fusion = json.loads((evals / "rerank_interpolation.json").read_text())
+        row["fusion"] = describe_fusion(fusion, fusion["runs"]) + (
+            f"; cross-encoder alone nDCG@10 {metrics['cross_encoder_ndcg@10']:.3f}"
+        )
     return row
 
 
@@ -244,6 +257,8 @@ def write_table(args: argparse.Namespace, rows: dict[str, dict], header: dict) -
                  f"{r['load_before']:.1f} / {r['load_after']:.1f}" if "load_before" in r else "–", notes or "–"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "**Targets (issue 18)**", "", *targets(rows), ""]
+    if args.note and Path(args.note).is_file():  # how the rows were made and what they say (kept under benchmarks/)
+        lines += [Path(args.note).read_text().strip(), ""]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines))
 
@@ -256,6 +271,8 @@ def main() -> None:
     parser.add_argument("--rerank_epochs", type=float, default=1.0, help="cross-encoder epochs")
     parser.add_argument("--runs", default=str(REPO / "runs/bench-homedepot-search"))
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/homedepot_search.md"))
+    parser.add_argument("--note", default=str(REPO / "benchmarks/notes/homedepot_search.md"),
+                        help="a markdown file appended to the table (if it exists)")  # fmt: skip
     parser.add_argument("--force", nargs="*", default=[], help="rows to recompute (their runs are retrained)")
     parser.add_argument("--smoke", action="store_true",
                         help="a smoke test: 40 train / 12 test queries, 2,000 products, 8 steps per training")  # fmt: skip
@@ -271,6 +288,8 @@ def main() -> None:
         args.max_steps = args.max_steps or 8
         if args.out == parser.get_default("out"):
             args.out = str(Path(args.runs) / "homedepot_search_smoke.md")
+        if args.note == parser.get_default("note"):
+            args.note = ""  # the note describes the real rows
     args.catalogue_file = None
     runs = Path(args.runs)
     (runs / "rows").mkdir(parents=True, exist_ok=True)
@@ -313,7 +332,7 @@ def main() -> None:
                 row = derived(args, name)
                 row["note"] = f"computed inside the {ROWS[name]['from']} run (its CPU time)"
             else:
-                row = hybrid_rerank(args)
+                row = hybrid_rerank(args, name)
         except RuntimeError as err:  # one failed row must not lose the others
             print(f"{name} failed: {err}", flush=True)
             continue

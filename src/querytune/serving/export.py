@@ -243,7 +243,17 @@ QUANT_SETTINGS: dict[str, QuantSetting] = {
         # The same on a graph whose attention is fused without packing Q, K, V (their MatMuls int8 too).
         QuantSetting("mha-dynamic-matmul-pc", attention="mha"),
         *(QuantSetting(f"mha-dynamic-matmul-pc-skip{k}", attention="mha", exclude_sensitive=k) for k in (4, 8)),
-        *(QuantSetting(f"mha-dynamic-matmul-pc-smooth{a}", attention="mha", smooth_alpha=a) for a in (0.5, 0.75)),
+        *(
+            QuantSetting(f"mha-dynamic-matmul-pc-smooth{a}", attention="mha", smooth_alpha=a)
+            for a in (0.5, 0.75, 0.85)
+        ),
+        *(
+            QuantSetting(
+                f"mha-dynamic-matmul-pc-smooth{a}-skip{k}", attention="mha", smooth_alpha=a, exclude_sensitive=k
+            )
+            for a in (0.75, 0.85)
+            for k in (1, 2)
+        ),  # fmt: skip
         *(
             QuantSetting(
                 f"mha-dynamic-matmul-pc-smooth0.5-skip{k}", attention="mha", smooth_alpha=0.5, exclude_sensitive=k
