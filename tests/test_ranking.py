@@ -800,6 +800,38 @@ def test_hybrid_then_cross_encoder_end_to_end(tmp_path, ranking_bert, ranking_da
     assert scores == sorted(scores, reverse=True)
 
 
+def test_rerank_interpolation_is_chosen_on_validation_only(tmp_path, ranking_bert, ranking_data, hybrid_run,
+                                                            monkeypatch):  # fmt: skip
+    """rerank_interpolation: first-stage and cross-encoder scores fused by a ranx fusion chosen on the validation
+    queries (never a test query), saved with the run; the candidates (recall@k) stay the first stage's."""
+    from querytune.inference import LoadedRun
+    from querytune.tasks.ranking import rerank as rerank_module
+    from querytune.tasks.ranking.data import load_ranking_data
+
+    seen: list[set[str]] = []
+    real = rerank_module.choose_fusion
+
+    def spy(judged, first, cross, *args, **kwargs):
+        seen.append(set(judged))
+        assert set(first) == set(cross) == set(judged)
+        return real(judged, first, cross, *args, **kwargs)
+
+    monkeypatch.setattr(rerank_module, "choose_fusion", spy)
+    result = _train(tmp_path, ranking_bert, ranking_data, "rerank", method="full", max_steps=30, learning_rate=3e-3,
+                    rerank_objective="graded", rerank_negatives=2, rerank_first_stage="hybrid",
+                    rerank_retrieval_run=str(hybrid_run), rerank_interpolation=True)  # fmt: skip
+    config = LoadedRun(result.output_dir).config
+    splits = load_ranking_data(config.data, config.task_args, config.training.seed).splits
+    assert seen and all(s == set(splits["validation"]["query_id"]) for s in seen)
+    assert seen[0].isdisjoint(splits["test"]["query_id"])
+    record = json.loads((result.output_dir / rerank_module.INTERPOLATION_FILE).read_text())
+    assert record["chosen_on"] == "validation" and record["runs"] == ["first_stage", "cross_encoder"]
+    assert record["fusion"] in ("rrf", "min-max", "z-score") and record["first_stage"] == "hybrid"
+    m = result.metrics
+    assert {"test_cross_encoder_ndcg@10", "test_first_stage_ndcg@10", "test_ndcg@10"} <= set(m)
+    assert m["test_recall@20"] == pytest.approx(m["test_first_stage_recall@20"], abs=1e-6)
+
+
 def test_a_first_stage_trained_on_the_evaluated_queries_is_refused(tmp_path, ranking_bert, ranking_data, hybrid_run):
     """No query in two splits across the pipeline: a retrieval run split with another seed has trained on some of
     the reranker's test queries, and the pipeline refuses to score them."""

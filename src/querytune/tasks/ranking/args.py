@@ -61,6 +61,13 @@ class RankingArguments:
                   "rerank_retrieval_run (hybrid: with the fusion saved in it); 'judged' reranks only the judged "
                   "documents of each query (barely discriminates)."},
     )  # fmt: skip
+    rerank_interpolation: bool = field(
+        default=False,
+        metadata={"help": "rerank evaluation over a first stage (bm25 / dense / hybrid): rank by a fusion of the first "
+                  "stage's and the cross-encoder's scores instead of the cross-encoder's alone; the fusion "
+                  "(retrieval_fusion: RRF, min-max or z-score with its weight) is chosen on the validation queries "
+                  "only and saved with the evaluation as rerank_interpolation.json."},
+    )  # fmt: skip
     rerank_retrieval_run: str | None = field(
         default=None,
         metadata={"help": "rerank with rerank_first_stage dense / hybrid: a finished retrieval run (or its export) "

@@ -81,15 +81,17 @@ def _run(runs: dict[str, Ranked], queries: list[str], name: str, codes: _Codes):
 
 
 def choose_fusion(judged: dict[str, dict[str, float]], bm25: dict[str, Ranked], dense: dict[str, Ranked],
-                  gain_offset: float, fusion: str = "auto", depth: int | None = None) -> dict[str, Any]:  # fmt: skip
-    """The best fusion of the two runs on these (validation) judgements, as a record for `fuse` and the run dir."""
+                  gain_offset: float, fusion: str = "auto", depth: int | None = None,
+                  names: tuple[str, str] = COMPONENTS) -> dict[str, Any]:  # fmt: skip
+    """The best fusion of the two runs on these (validation) judgements, as a record for `fuse` and the run dir.
+    `names` name the two runs in the record (BM25 and dense for hybrid search; other pairs fuse the same way)."""
     ranx = _ranx()
     qrels = ranx_qrels(judged, gain_offset)
     if not qrels:
         raise ValueError("choosing the hybrid fusion needs validation queries with a relevant document; none has one")
     queries = sorted(qrels)
     codes = _Codes()
-    runs = [_run(bm25, queries, "bm25", codes), _run(dense, queries, "dense", codes)]
+    runs = [_run(bm25, queries, names[0], codes), _run(dense, queries, names[1], codes)]
     qrels_ranx = ranx.Qrels({q: {codes(d): g for d, g in gains.items()} for q, gains in qrels.items()})
     tried: dict[str, float] = {}
     best: dict[str, Any] | None = None
@@ -112,11 +114,12 @@ def choose_fusion(judged: dict[str, dict[str, float]], bm25: dict[str, Ranked], 
         if best is None or score > best["validation_" + METRIC]:
             best = record
     assert best is not None
-    single = {name: float(ranx.evaluate(qrels_ranx, run, METRIC)) for name, run in zip(COMPONENTS, runs, strict=True)}
-    best |= {"runs": list(COMPONENTS), "metric": METRIC, "depth": depth, "validation_queries": len(queries),
+    single = {name: float(ranx.evaluate(qrels_ranx, run, METRIC)) for name, run in zip(names, runs, strict=True)}
+    best |= {"runs": list(names), "metric": METRIC, "depth": depth, "validation_queries": len(queries),
              "validation_components": single, "tried": tried}  # fmt: skip
-    logger.info("hybrid fusion chosen on %d validation queries: %s %s (%s %.4f; bm25 %.4f, dense %.4f)", len(queries),
-                best["fusion"], best["params"], METRIC, best["validation_" + METRIC], single["bm25"], single["dense"])  # fmt: skip
+    logger.info("fusion of %s chosen on %d validation queries: %s %s (%s %.4f; %s)", " + ".join(names), len(queries),
+                best["fusion"], best["params"], METRIC, best["validation_" + METRIC],
+                ", ".join(f"{n} {v:.4f}" for n, v in single.items()))  # fmt: skip
     return best
 
 

@@ -29,8 +29,12 @@ from querytune.data import DataError
 from querytune.metrics import load_metric
 from querytune.tasks.ranking.common import RankingTask, encode_pairs, ranking_metrics, score_pairs, write_rankings
 from querytune.tasks.ranking.data import COLUMNS, first_query_texts, load_ranking_data, qrels
+from querytune.tasks.ranking.fusion import choose_fusion, fuse, save_fusion
 
 logger = logging.getLogger(__name__)
+
+INTERPOLATION_FILE = "rerank_interpolation.json"
+INTERPOLATED = ("first_stage", "cross_encoder")  # the runs of a rerank_interpolation fusion, in order
 
 
 def sample_negatives(split: Dataset, catalogue: dict[str, str], n: int, label: float, seed: int,
@@ -297,12 +301,32 @@ class RerankTask(RankingTask):
             runs[q].sort(key=lambda x: -x[1])
         return runs, judged, first
 
+    def choose_interpolation(self, model, tokenizer, out_dir: Path, batch_size: int = 128) -> dict[str, Any]:
+        """`rerank_interpolation`: the fusion of first-stage and cross-encoder scores chosen on the validation
+        queries only (reranked here), saved in `out_dir`."""
+        if self.data is None or "validation" not in self.data.splits:
+            raise DataError("rerank_interpolation chooses its fusion on validation queries: the data has none")
+        runs, judged, first = self.rerank_split(model, tokenizer, self.data.splits["validation"], batch_size,
+                                                "validation")  # fmt: skip
+        record = choose_fusion(judged, first, runs, self.args.relevance_gain_offset, self.args.retrieval_fusion,
+                               self.args.retrieval_top_k, names=INTERPOLATED)  # fmt: skip
+        record |= {"chosen_on": "validation", "first_stage": self.args.rerank_first_stage}
+        save_fusion(Path(out_dir) / INTERPOLATION_FILE, record)
+        return record
+
     def catalogue_metrics(self, model, tokenizer, split: Dataset, out_dir: Path, role: str,
                           batch_size: int = 128) -> dict[str, float]:  # fmt: skip
         runs, judged, first = self.rerank_split(model, tokenizer, split, batch_size, role)
-        write_rankings(out_dir / f"{role}_rankings.jsonl", runs, first_query_texts(split), self._catalogue(), judged)
         k = self.args.retrieval_top_k
-        metrics = ranking_metrics(runs, judged, self.args, recall_k=tuple(sorted({10, k})))
+        metrics: dict[str, float] = {}
+        if self.args.rerank_interpolation and first is not None and role != "validation":
+            record = self.choose_interpolation(model, tokenizer, out_dir, batch_size)
+            found = ranking_metrics(runs, judged, self.args, recall_k=tuple(sorted({10, k})))
+            metrics.update({f"cross_encoder_{m}": v for m, v in found.items() if not m.startswith("num_")})
+            runs = fuse(record, first, runs, k)
+            metrics["interpolation_validation_ndcg@10"] = record["validation_ndcg@10"]
+        write_rankings(out_dir / f"{role}_rankings.jsonl", runs, first_query_texts(split), self._catalogue(), judged)
+        metrics.update(ranking_metrics(runs, judged, self.args, recall_k=tuple(sorted({10, k}))))
         if first is not None:  # what the first stage alone scored on the same queries
             found = ranking_metrics(first, judged, self.args, recall_k=tuple(sorted({10, k})))
             metrics.update({f"first_stage_{m}": v for m, v in found.items() if not m.startswith("num_")})
