@@ -853,6 +853,10 @@ def test_new_retrieval_options_name_the_key(tmp_path, ranking_bert, ranking_data
         exp = ranking_experiment(tmp_path, ranking_bert, ranking_data, "retrieval", **{key: value})
         with pytest.raises(ConfigError, match=key):
             load_config(exp)
+    exp = ranking_experiment(tmp_path, ranking_bert, ranking_data, "rerank", rerank_interpolation=True,
+                             rerank_first_stage="judged")  # fmt: skip
+    with pytest.raises(ConfigError, match="rerank_interpolation .* rerank_first_stage judged has none"):
+        load_config(exp)
     exp = ranking_experiment(tmp_path, ranking_bert, ranking_data, "retrieval", retrieval_contrastive_weight=0.0)
     with pytest.raises(ConfigError, match="retrieval_teacher"):
         load_config(exp)

@@ -190,6 +190,9 @@ class RankingArguments:
         if self.rerank_first_stage in ("dense", "hybrid") and not self.rerank_retrieval_run:
             raise ValueError(f"rerank_first_stage {self.rerank_first_stage!r} needs rerank_retrieval_run (a finished "
                              "retrieval run)")  # fmt: skip
+        if self.rerank_interpolation and self.rerank_first_stage == "judged":
+            raise ValueError("rerank_interpolation fuses a first stage's scores with the cross-encoder's: "
+                             "rerank_first_stage judged has none (use bm25, dense or hybrid)")  # fmt: skip
         for name in ("retrieval_top_k", "max_train_queries", "max_eval_queries", "retrieval_fusion_depth",
                      "retrieval_negative_depth"):  # fmt: skip
             value = getattr(self, name)

@@ -318,17 +318,18 @@ class RerankTask(RankingTask):
                           batch_size: int = 128) -> dict[str, float]:  # fmt: skip
         runs, judged, first = self.rerank_split(model, tokenizer, split, batch_size, role)
         k = self.args.retrieval_top_k
+        recall_k = tuple(sorted({10, k}))
         metrics: dict[str, float] = {}
         if self.args.rerank_interpolation and first is not None and role != "validation":
             record = self.choose_interpolation(model, tokenizer, out_dir, batch_size)
-            found = ranking_metrics(runs, judged, self.args, recall_k=tuple(sorted({10, k})))
+            found = ranking_metrics(runs, judged, self.args, recall_k=recall_k)
             metrics.update({f"cross_encoder_{m}": v for m, v in found.items() if not m.startswith("num_")})
             runs = fuse(record, first, runs, k)
             metrics["interpolation_validation_ndcg@10"] = record["validation_ndcg@10"]
         write_rankings(out_dir / f"{role}_rankings.jsonl", runs, first_query_texts(split), self._catalogue(), judged)
-        metrics.update(ranking_metrics(runs, judged, self.args, recall_k=tuple(sorted({10, k}))))
+        metrics.update(ranking_metrics(runs, judged, self.args, recall_k=recall_k))
         if first is not None:  # what the first stage alone scored on the same queries
-            found = ranking_metrics(first, judged, self.args, recall_k=tuple(sorted({10, k})))
+            found = ranking_metrics(first, judged, self.args, recall_k=recall_k)
             metrics.update({f"first_stage_{m}": v for m, v in found.items() if not m.startswith("num_")})
         return metrics
 
