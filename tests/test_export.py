@@ -342,6 +342,19 @@ def test_the_int8_setting_is_applied_and_recorded(lora_run, tmp_path, capsys):
     assert "unknown quantization setting 'magic'" in capsys.readouterr().err
 
 
+def test_a_skip_count_above_the_node_count_leaves_half_int8(lora_run, tmp_path, monkeypatch):
+    """A setting's k most sensitive nodes are capped at half of them: a small model keeps int8 where it can."""
+    import onnx
+
+    setting = export_module.QuantSetting("skip-everything", exclude_sensitive=1000)
+    monkeypatch.setitem(QUANT_SETTINGS, setting.name, setting)
+    info = export_run(lora_run, fmt="onnx", quantize="int8", output_dir=tmp_path / "q", quantization=setting.name)
+    ranked = info["quantization"]["sensitivity"]
+    assert len(ranked) >= 4 and len(info["quantization"]["excluded_nodes"]) == len(ranked) // 2
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "q" / ONNX_FILE)).graph.node]
+    assert ops.count("MatMulInteger") + ops.count("DynamicQuantizeMatMul") == len(ranked) - len(ranked) // 2
+
+
 def test_smoothing_changes_no_output_in_fp32(lora_run, tmp_path):
     """SmoothQuant's rescaling is exact in fp32: X / s times s W. Only int8 rounding sees the difference."""
     export_run(lora_run, fmt="onnx", output_dir=tmp_path / "onnx")
