@@ -368,12 +368,21 @@ def measure(args: argparse.Namespace) -> dict:
             peaks = gemm_peak(args.threads)
         load_after = os.getloadavg()
         other_cores = others.cores()
+    served_reference = reference_answers(runs["run"], queries[: args.serve_queries], args.threads) if served else []
     return {"command": " ".join(sys.argv[1:]), "machine": machine_description(), "started": started,
             "load_before_1": load_before_1, "load_before": load_before, "load_after": load_after,
             "other_cores": other_cores, "runs": {k: str(v) if v else None for k, v in runs.items()},
             "engines": engines, "queries": queries, "gold": gold, "labels": labels, "results": results,
-            "served": served, "peaks": peaks, "batch_sizes": args.batch_sizes, "threads": args.threads,
+            "served": served, "served_reference": served_reference, "peaks": peaks, "batch_sizes": args.batch_sizes, "threads": args.threads,
             "model_batch_size": args.model_batch_size, "latency_queries": args.latency_queries}  # fmt: skip
+
+
+def reference_answers(run: Path, queries: list[str], threads: int) -> list[str]:
+    """The PyTorch run's answers as the API gives them (an intent, or the OOS label where the run's OOS detector
+    rejects the query): what a served answer is compared with. Untimed, after the measurements."""
+    from querytune.inference import LoadedRun
+
+    return [r["label"] for r in LoadedRun(run, merge=False, device="cpu", threads=threads).predict(queries, top_k=1)]
 
 
 def render(args: argparse.Namespace, raw: dict) -> None:
@@ -433,9 +442,7 @@ def render(args: argparse.Namespace, raw: dict) -> None:
                                   f"{100 * tok / row['total_s']:.0f}% |")  # fmt: skip
     for engine, mbs, clients, per_request, n, s in served:
         in_acc, acc = accuracy(s["labels"], gold[:n])
-        ref_row = next(x for x in results["pytorch-unmerged"]["rows"] if x["batch_size"] == big) if (
-            "pytorch-unmerged" in results) else None  # fmt: skip
-        ref = [labels["run"][i] for i in ref_row["preds"][:n]] if ref_row else None
+        ref = raw.get("served_reference")[:n] if raw.get("served_reference") else None
         agree = 100 * float(np.mean([a == b for a, b in zip(s["labels"], ref, strict=True)])) if ref else float("nan")
         p50, p95, p99 = percentiles(s["latencies"])
         qps = n / s["wall_s"]
@@ -491,7 +498,8 @@ def render(args: argparse.Namespace, raw: dict) -> None:
         "",
         "Served rows: `querytune serve` in its own process (`--max_batch 64 --max_wait_ms 5`, "
         f"{args.threads} threads) and an asyncio httpx client in this process, on the same cores; latency is per HTTP "
-        "request as the client sees it."
+        "request as the client sees it. The API answers an intent or, where the run's OOS detector rejects the query, "
+        "the OOS label: its accuracy and agreement are against the PyTorch run's answers under the same detector."
         if served
         else "",
         "",
