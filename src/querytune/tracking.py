@@ -25,6 +25,16 @@ logger = logging.getLogger(__name__)
 INIT_TIMEOUT_S = 30.0  # without WANDB_INIT_TIMEOUT: how long an unreachable server may delay a training
 
 
+def init_timeout() -> float:
+    """WANDB_INIT_TIMEOUT as it is now, else INIT_TIMEOUT_S. Always passed explicitly: wandb reads its environment
+    once per process, so a later change (a second training in one process) would otherwise wait wandb's 90 s."""
+    value = os.environ.get("WANDB_INIT_TIMEOUT")
+    try:
+        return float(value) if value else INIT_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"WANDB_INIT_TIMEOUT must be a number of seconds, got {value!r}") from None
+
+
 def wants_wandb(config: ExperimentConfig) -> bool:
     return "wandb" in (config.training.report_to or [])
 
@@ -69,9 +79,8 @@ def start_run(config: ExperimentConfig) -> Any | None:
         dir=os.environ.get("WANDB_DIR"),
         reinit="finish_previous",
     )
-    timeout = None if os.environ.get("WANDB_INIT_TIMEOUT") else INIT_TIMEOUT_S  # wandb reads the variable itself
     try:
-        return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=timeout) if timeout else None, **kwargs)
+        return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=init_timeout()), **kwargs)
     except (wandb.errors.Error, TimeoutError) as err:
         if mode == "offline" or os.environ.get("WANDB_MODE") == "offline":
             raise
