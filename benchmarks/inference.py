@@ -12,7 +12,8 @@ Each engine runs in its own process (so peak memory is its own) with `--threads`
 `--latency_queries` queries; the largest (64) runs over all, twice: one model call per 64 queries in arrival order
 (padded to the longest, as before issue 20) and the same 64 cut into length-sorted model batches of
 `--model_batch_size` (as `querytune serve` now does). Exports go to RUN/exports/bench-<engine> and are reused when
-their marker says they were made the same way.
+their marker says they were made the same way. `--repeats` rounds (default 3) run every engine and served row again:
+this 2-core VM's queries/s moved by up to ~30% between back-to-back runs, so a row is the median of its rounds.
 
 Hygiene: the script refuses to start while the 1-minute load average is above 1.5 (unless --force_load, which the
 table then says), holds the machine-wide CPU lock while it measures, and records the load before and after.
@@ -59,7 +60,7 @@ ENGINES: dict[str, tuple[str, dict | None, str]] = {
     ),  # fmt: skip
     "onnx-int8": ("run", {"fmt": "onnx", "quantize": "int8"}, "int8: the default setting (DEFAULT_QUANT)"),
     "student-pytorch": ("student", None, "the distilled student as trained"),
-    "student-onnx-int8": ("student", {"fmt": "onnx", "quantize": "int8"}, "the student, int8 (the default setting)"),
+    "student-onnx-int8": ("student", {"fmt": "onnx", "quantize": "int8"}, "the student, int8"),
 }
 TARGETS = ("6-layer int8: >= 1,000 queries/s at batch 64, >= 99% agreement, <= 0.5 point in-scope accuracy loss; "
            "served API (int8, 4 clients x 16 queries): >= 900 queries/s; 3-layer distilled student, int8: >= 2,000 "
@@ -274,6 +275,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default=str(REPO / "runs/bench-clinc150-speed/today"), help="the 6-layer run")
     parser.add_argument("--student", default=None, help="a distilled student of --run (adds the student rows)")
+    parser.add_argument("--student_quantization", default=None,
+                        help="the student's int8 setting (default DEFAULT_QUANT; quantization.py --run STUDENT chooses)")  # fmt: skip
     parser.add_argument("--data", default=str(REPO.parent / "shared/data/clinc150"))
     parser.add_argument("--max_queries", type=int, default=None, help="use the first N (shuffled) test queries")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8, 64])
@@ -281,6 +284,8 @@ def main() -> None:
     parser.add_argument("--latency_queries", type=int, default=1000,
                         help="batch sizes below the largest run over this many queries")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds over all engines (and served rows): queries/s is the median, with its range")  # fmt: skip
     parser.add_argument("--engines", nargs="+", default=None, choices=list(ENGINES), help="default: all that apply")
     parser.add_argument("--serve_queries", type=int, default=1000, help="queries sent to the served API")
     parser.add_argument("--serve_model_batch_sizes", type=int, nargs="+", default=[64, 16],
@@ -335,46 +340,76 @@ def measure(args: argparse.Namespace) -> dict:
         paths: dict[str, Path] = {}
         for engine in engines:
             src, options, _ = ENGINES[engine]
+            if engine == "student-onnx-int8" and args.student_quantization:
+                options = {**options, "quantization": args.student_quantization}
             paths[engine] = runs[src] if options is None else ensure_export(runs[src], engine, options)
 
         results = {}
         with tempfile.TemporaryDirectory() as tmp:
             qfile = Path(tmp) / "queries.json"
             qfile.write_text(json.dumps(queries))
-            for engine in engines:
-                print(f"benchmarking {engine} ...", flush=True)
-                res = Path(tmp) / f"{engine}.json"
-                kind = "run-unmerged" if ENGINES[engine][1] is None else "loaded"
-                cmd = [sys.executable, __file__, "--worker", engine, "--path", str(paths[engine]), "--path_kind",
-                       kind, "--queries_file", str(qfile), "--result", str(res), "--threads", str(args.threads),
-                       "--latency_queries", str(args.latency_queries), "--model_batch_size",
-                       str(args.model_batch_size), "--batch_sizes", *map(str, args.batch_sizes), "--profile"]  # fmt: skip
-                env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
-                       "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}  # fmt: skip
-                subprocess.run(cmd, check=True, env=env, cwd=REPO)
-                results[engine] = json.loads(res.read_text())
+            # Rounds: every engine once per round, so that a slow spell of the machine touches all engines alike.
+            for round_ in range(args.repeats):
+                for engine in engines:
+                    print(f"benchmarking {engine} (round {round_ + 1} of {args.repeats}) ...", flush=True)
+                    res = Path(tmp) / f"{engine}.json"
+                    kind = "run-unmerged" if ENGINES[engine][1] is None else "loaded"
+                    cmd = [sys.executable, __file__, "--worker", engine, "--path", str(paths[engine]), "--path_kind",
+                           kind, "--queries_file", str(qfile), "--result", str(res), "--threads", str(args.threads),
+                           "--latency_queries", str(args.latency_queries), "--model_batch_size",
+                           str(args.model_batch_size), "--batch_sizes", *map(str, args.batch_sizes),
+                           *(["--profile"] if round_ == 0 else [])]  # fmt: skip
+                    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
+                           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}  # fmt: skip
+                    subprocess.run(cmd, check=True, env=env, cwd=REPO)
+                    result = json.loads(res.read_text())
+                    if round_ == 0:
+                        results[engine] = result
+                        for row in result["rows"]:
+                            row["round_total_s"] = [row["total_s"]]
+                        continue
+                    first = results[engine]
+                    first["peak_rss_mb"] = max(first["peak_rss_mb"], result["peak_rss_mb"])
+                    for row, again in zip(first["rows"], result["rows"], strict=True):
+                        row["round_total_s"].append(again["total_s"])
+                        row["latencies"] += again["latencies"]
 
             served = []
             int8 = next((e for e in ("onnx-int8", "onnx-int8-before") if e in engines), None)
             if not args.no_serve and int8:
                 sq = queries[: args.serve_queries]
-                for mbs in args.serve_model_batch_sizes:
-                    for clients, per_request in ((16, 1), (4, 16)):
-                        print(f"serving {int8}: {clients} clients x {per_request} q/request, model batches of {mbs}",
-                              flush=True)  # fmt: skip
-                        s = serve_load(paths[int8], sq, clients, per_request, args.threads, mbs,
-                                       Path(tmp) / "serve.log")  # fmt: skip
-                        served.append((int8, mbs, clients, per_request, len(sq), s))
+                for round_ in range(args.repeats):
+                    at = 0
+                    for mbs in args.serve_model_batch_sizes:
+                        for clients, per_request in ((16, 1), (4, 16)):
+                            print(f"serving {int8}: {clients} clients x {per_request} q/request, model batches of "
+                                  f"{mbs} (round {round_ + 1})", flush=True)  # fmt: skip
+                            s = serve_load(paths[int8], sq, clients, per_request, args.threads, mbs,
+                                           Path(tmp) / "serve.log")  # fmt: skip
+                            if round_ == 0:
+                                s["round_wall_s"] = [s["wall_s"]]
+                                served.append((int8, mbs, clients, per_request, len(sq), s))
+                            else:
+                                first = served[at][5]
+                                first["round_wall_s"].append(s["wall_s"])
+                                first["latencies"] += s["latencies"]
+                                first["peak_rss_mb"] = max(first["peak_rss_mb"], s["peak_rss_mb"])
+                            at += 1
             peaks = gemm_peak(args.threads)
         load_after = os.getloadavg()
         other_cores = others.cores()
+    from querytune.runs import read_export
+
+    settings = {e: ((read_export(p) or {}).get("quantization") or {}).get("setting", {}).get("name")
+                for e, p in paths.items() if ENGINES[e][1] is not None}  # fmt: skip
     served_reference = reference_answers(runs["run"], queries[: args.serve_queries], args.threads) if served else []
     return {"command": " ".join(sys.argv[1:]), "machine": machine_description(), "started": started,
             "load_before_1": load_before_1, "load_before": load_before, "load_after": load_after,
             "other_cores": other_cores, "runs": {k: str(v) if v else None for k, v in runs.items()},
             "engines": engines, "queries": queries, "gold": gold, "labels": labels, "results": results,
-            "served": served, "served_reference": served_reference, "peaks": peaks, "batch_sizes": args.batch_sizes, "threads": args.threads,
-            "model_batch_size": args.model_batch_size, "latency_queries": args.latency_queries}  # fmt: skip
+            "served": served, "served_reference": served_reference, "peaks": peaks, "settings": settings, "batch_sizes": args.batch_sizes, "threads": args.threads,
+            "model_batch_size": args.model_batch_size, "latency_queries": args.latency_queries,
+            "repeats": args.repeats}  # fmt: skip
 
 
 def reference_answers(run: Path, queries: list[str], threads: int) -> list[str]:
@@ -415,8 +450,15 @@ def render(args: argparse.Namespace, raw: dict) -> None:
 
     summary: dict = {}
     served_qps: list[tuple[int, int, int, float]] = []
-    table = ["| engine | batch | model batches | queries | queries/s | p50 ms | p95 ms | p99 ms | in-scope acc % | "
-             "acc % | agreement % | peak RSS MB |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    repeats = raw.get("repeats", 1)
+    qps_head = f"queries/s (median of {repeats}) | range" if repeats > 1 else "queries/s | range"
+    table = [f"| engine | batch | model batches | queries | {qps_head} | p50 ms | p95 ms | p99 ms | in-scope acc % | "
+             "acc % | agreement % | peak RSS MB |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+
+    def rates(n: int, seconds: list[float]) -> tuple[float, str]:
+        values = [n / t for t in seconds]
+        return float(np.median(values)), (f"{min(values):,.0f}-{max(values):,.0f}" if len(values) > 1 else "")
+
     time_split = ["| engine | batch 64: total s | tokenizer s | model + rest s | tokenizer share |",
                   "|---|---:|---:|---:|---:|"]  # fmt: skip
     for engine in engines:
@@ -431,10 +473,10 @@ def render(args: argparse.Namespace, raw: dict) -> None:
             ref = next((x["preds"] for x in ref_rows if x["batch_size"] == bs and x["model_batch_size"] == mbs), None)
             agree = 100 * float(np.mean(np.asarray(row["preds"]) == np.asarray(ref))) if ref else float("nan")
             p50, p95, p99 = percentiles(row["latencies"])
-            qps = n / row["total_s"]
+            qps, spread = rates(n, row.get("round_total_s", [row["total_s"]]))
             summary[(engine, bs, mbs)] = {"qps": qps, "in_scope": in_acc, "agreement": agree}
             cut = "1 (arrival order)" if mbs >= bs else f"{-(-bs // mbs)} x <= {mbs}, sorted"
-            table.append(f"| {engine} | {bs} | {cut} | {n} | {qps:,.0f} | {p50:.1f} | {p95:.1f} | {p99:.1f} | "
+            table.append(f"| {engine} | {bs} | {cut} | {n} | {qps:,.0f} | {spread} | {p50:.1f} | {p95:.1f} | {p99:.1f} | "
                          f"{in_acc:.2f} | {acc:.2f} | {agree:.2f} | {r['peak_rss_mb']:,.0f} |")  # fmt: skip
             if bs == big and mbs == bs:
                 tok = row["tokenize_s"]
@@ -445,10 +487,10 @@ def render(args: argparse.Namespace, raw: dict) -> None:
         ref = raw.get("served_reference")[:n] if raw.get("served_reference") else None
         agree = 100 * float(np.mean([a == b for a, b in zip(s["labels"], ref, strict=True)])) if ref else float("nan")
         p50, p95, p99 = percentiles(s["latencies"])
-        qps = n / s["wall_s"]
+        qps, spread = rates(n, s.get("round_wall_s", [s["wall_s"]]))
         served_qps.append((clients, per_request, mbs, qps))
         table.append(f"| served API ({engine}), {clients} clients x {per_request} q/request | {s['mean_batch']:.1f} "
-                     f"(mean collected) | model batches of <= {mbs}, sorted | {n} | {qps:,.0f} | {p50:.1f} | "
+                     f"(mean collected) | model batches of <= {mbs}, sorted | {n} | {qps:,.0f} | {spread} | {p50:.1f} | "
                      f"{p95:.1f} | {p99:.1f} | {in_acc:.2f} | {acc:.2f} | {agree:.2f} | "
                      f"{s['peak_rss_mb']:,.0f} (server) |")  # fmt: skip
 
@@ -489,10 +531,12 @@ def render(args: argparse.Namespace, raw: dict) -> None:
         f"{min(args.latency_queries, len(queries))}). {args.threads} threads per engine. Command: "
         f"`python benchmarks/inference.py {raw['command']}`.",
         "",
-        "Latency is per batch call (tokenise + model + logits); agreement is top-1 agreement with the PyTorch run of "
-        "the same model (the student's own for student rows) on the same queries; peak RSS is the engine process's.",
+        f"Each engine (and each served row) ran {repeats} time(s), in rounds over all of them: queries/s is the median "
+        "round's, with the range over the rounds; latency percentiles pool the rounds' batch calls (tokenise + model + "
+        "logits). Agreement is top-1 agreement with the PyTorch run of the same model (the student's own for student "
+        "rows) on the same queries; peak RSS is the engine process's.",
         "",
-        *[f"- {e}: {ENGINES[e][2]}" for e in engines],
+        *[f"- {e}: {ENGINES[e][2]}" + (f" (`{n}`)" if (n := raw.get("settings", {}).get(e)) else "") for e in engines],
         "",
         *table,
         "",
@@ -549,7 +593,7 @@ def render(args: argparse.Namespace, raw: dict) -> None:
         "",
         "## Where the time goes",
         "",
-        "Tokenizer alone on the same batches vs everything else:",
+        "Tokenizer alone on the same batches vs everything else (first round):",
         "",
         *time_split,
         "",
