@@ -495,9 +495,11 @@ def test_minilm_on_a_home_depot_slice(tmp_path):
     auc = roc_auc_score(pairs["label"] > 0, scores)
     # Measured: AUC 0.94 after 100 steps (0.52 after 30).
     assert auc > 0.8, f"relevant vs random products of held-out queries: AUC {auc:.3f}"
-    common[3], common[5] = str(tmp_path / "run-b"), "30"  # the bi-encoder only has to run end to end
-    retrieval = run(load_config(REPO / "experiments/relevance/homedepot-retrieval-lora.yaml", common))
-    assert retrieval.metrics["test_recall@100"] > 0.3
+    # The bi-encoder only has to run end to end: 10 steps of 32 (30 of 64 took 85 of this test's 217 s).
+    common[3], common[5] = str(tmp_path / "run-b"), "10"
+    retrieval = run(load_config(REPO / "experiments/relevance/homedepot-retrieval-lora.yaml",
+                                [*common, "--per_device_train_batch_size", "32"]))  # fmt: skip
+    assert retrieval.metrics["test_recall@100"] > 0.3, retrieval.metrics
 
 
 # --- bi-encoder training: mined negatives, distillation
