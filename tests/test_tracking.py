@@ -89,6 +89,7 @@ def test_the_init_timeout_is_read_at_each_training_not_once_per_process(tmp_path
     the current value to every `wandb.init`."""
     import wandb
 
+    from querytune.errors import ConfigError
     from querytune.tracking import INIT_TIMEOUT_S, init_timeout, start_run
 
     timeouts = []
@@ -102,5 +103,5 @@ def test_the_init_timeout_is_read_at_each_training_not_once_per_process(tmp_path
         start_run(config)
         assert timeouts[-1] == expected
     monkeypatch.setenv("WANDB_INIT_TIMEOUT", "soon")
-    with pytest.raises(ValueError, match="WANDB_INIT_TIMEOUT must be a number of seconds, got 'soon'"):
+    with pytest.raises(ConfigError, match="WANDB_INIT_TIMEOUT must be a number of seconds, got 'soon'"):
         init_timeout()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from querytune.config import ExperimentConfig
+from querytune.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def init_timeout() -> float:
     try:
         return float(value) if value else INIT_TIMEOUT_S
     except ValueError:
-        raise ValueError(f"WANDB_INIT_TIMEOUT must be a number of seconds, got {value!r}") from None
+        raise ConfigError(f"WANDB_INIT_TIMEOUT must be a number of seconds, got {value!r}") from None
 
 
 def wants_wandb(config: ExperimentConfig) -> bool:
