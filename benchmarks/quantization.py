@@ -20,7 +20,8 @@ table shows which quantized nodes move the logits most.
 
 Agreement and accuracy do not depend on the machine's load (the script may run at nice 19 beside other work). The
 queries/s column does: it is printed for orientation and marked NOT FINAL unless the machine was quiet (1-minute
-load average <= 1.5 when it started; the load after counts its own threads); the final speeds come from benchmarks/inference.py on a quiet machine.
+load average <= 1.5 when it started; the load after counts its own threads); the final speeds come from
+benchmarks/inference.py on a quiet machine.
 Writes benchmarks/results/quantization.md (or --out).
 """
 
@@ -52,12 +53,12 @@ def read_split(data: Path, split: str, max_queries: int | None) -> tuple[list[st
     return [r["text"] for r in rows], [r["intent"] for r in rows]
 
 
-# name: (file under the shared data folder, text column); queries no CLINC150 run trained on
+# name: (file under the shared data folder, text column, encoding); queries no CLINC150 run trained on
 FOREIGN = {
-    "mimics": ("mimics_manual/MIMICS-Manual.tsv", "query"),
-    "homedepot": ("homedepot/train.csv", "search_term"),
-    "snips": ("snips/test.jsonl", "text"),
-    "banking77": ("banking77/test.csv", "text"),
+    "mimics": ("mimics_manual/MIMICS-Manual.tsv", "query", "utf-8"),
+    "homedepot": ("homedepot/train.csv", "search_term", "latin-1"),
+    "snips": ("snips/test.jsonl", "text", "utf-8"),
+    "banking77": ("banking77/test.csv", "text", "utf-8"),
 }
 
 
@@ -67,12 +68,12 @@ def read_foreign(data_root: Path, names: list[str], per_source: int) -> tuple[li
 
     texts, sources = [], []
     for name in names:
-        file, column = FOREIGN[name]
+        file, column, encoding = FOREIGN[name]
         path = data_root / file
         if path.suffix == ".jsonl":
-            frame = pd.read_json(path, lines=True)
+            frame = pd.read_json(path, lines=True, encoding=encoding)
         else:
-            frame = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",", encoding="latin-1")
+            frame = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",", encoding=encoding)
         queries = sorted({str(q).strip() for q in frame[column].dropna()} - {""})
         random.Random(0).shuffle(queries)
         texts += queries[:per_source]
