@@ -400,7 +400,7 @@ def measure(args: argparse.Namespace) -> dict:
         other_cores = others.cores()
     from querytune.runs import read_export
 
-    settings = {e: ((read_export(p) or {}).get("quantization") or {}).get("setting", {}).get("name")
+    settings = {e: (read_export(p).get("quantization") or {}).get("setting", {}).get("name")
                 for e, p in paths.items() if ENGINES[e][1] is not None}  # fmt: skip
     served_reference = reference_answers(runs["run"], queries[: args.serve_queries], args.threads) if served else []
     return {"command": " ".join(sys.argv[1:]), "machine": machine_description(), "started": started,
