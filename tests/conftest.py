@@ -163,3 +163,55 @@ def data_sections(**kw):
     if hasattr(args, "check"):
         args.check(data)
     return data, args
+
+
+# --- a tiny e-commerce slot corpus: words, BIO tags and an intent per query
+COLORS = ["red", "blue", "green", "black"]
+BRANDS = ["nike", "adidas", "puma"]
+SLOT_PRODUCTS = [["shoes"], ["walking", "shoes"], ["rain", "jacket"], ["wool", "socks"], ["boots"]]
+SLOT_TEMPLATES = {
+    "product_search": [
+        ["{color}", "{brand}", "{product}", "size", "{size}"],
+        ["cheap", "{color}", "{product}"],
+        ["{brand}", "{product}", "for", "kids"],
+    ],
+    "order_status": [["where", "is", "my", "{brand}", "{product}", "order"], ["track", "my", "{product}", "order"]],
+}
+SLOT_WORDS = ("cheap", "size", "for", "kids", "where", "is", "my", "track", "order", "walk", "rain", "wool", "socks",
+              "jacket", ",", *COLORS, *BRANDS)  # fmt: skip
+TEXTS = ["red nike walking shoes size 10", "track my rain jacket order", "where is my puma boots order", "wool socks"]
+
+
+def make_slot_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        intent = list(SLOT_TEMPLATES)[i % 2]
+        tokens, tags = [], []
+        for slot in rng.choice(SLOT_TEMPLATES[intent]):
+            if slot == "{product}":
+                words, kind = rng.choice(SLOT_PRODUCTS), "product"
+            elif slot.startswith("{"):
+                kind = slot[1:-1]
+                words = [{"color": rng.choice(COLORS), "brand": rng.choice(BRANDS),
+                          "size": str(rng.randint(1, 14))}[kind]]  # fmt: skip
+            else:
+                words, kind = [slot], None
+            tokens += words
+            tags += ["O"] * len(words) if kind is None else [f"B-{kind}"] + [f"I-{kind}"] * (len(words) - 1)
+        rows.append({"text": " ".join(tokens), "tokens": tokens, "tags": tags, "intent": intent})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def slot_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("slot_data")
+    write_jsonl(root / "train.jsonl", make_slot_rows(48, 0))
+    write_jsonl(root / "validation.jsonl", make_slot_rows(12, 1))
+    write_jsonl(root / "test.jsonl", make_slot_rows(12, 2))
+    return root
+
+
+@pytest.fixture(scope="session")
+def slot_bert(tmp_path_factory) -> Path:
+    return build_tiny_checkpoint("bert", tmp_path_factory.mktemp("slot_bert") / "bert", extra_words=SLOT_WORDS)

@@ -211,8 +211,9 @@ def test_distillation_errors_name_the_problem(tmp_path, teacher, tiny_bert, tiny
 def test_joint_student_distils_its_intent_head_and_keeps_the_slot_loss(tmp_path):
     """intent_slots: the teacher's intent logits (in the student's intent order) reach the intent head through the
     same trainer; the run saves and reloads with identical intent and slot logits."""
-    from .test_slots import SLOT_WORDS, make_slot_rows, slot_experiment
-    from .test_slots import TEXTS as SLOT_TEXTS
+    from .conftest import SLOT_WORDS, make_slot_rows
+    from .conftest import TEXTS as SLOT_TEXTS
+    from .test_slots import slot_experiment
 
     data = tmp_path / "data"
     write_jsonl(data / "train.jsonl", make_slot_rows(24, 0))

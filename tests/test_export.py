@@ -17,9 +17,8 @@ from querytune.runs import EXPORT_MARKER, ONNX_FILE, read_export
 from querytune.serving import export as export_module
 from querytune.serving.export import DEFAULT_QUANT, FUSION_TOLERANCE, QUANT_SETTINGS, VERIFY_FILE, export_run
 
-from .conftest import tiny_experiment, write_jsonl
+from .conftest import SLOT_WORDS, make_slot_rows, tiny_experiment, write_jsonl
 from .test_ranking import ranking_bert, ranking_data  # noqa: F401  (fixtures: the tiny ranking corpus and model)
-from .test_slots import SLOT_WORDS, make_slot_rows
 
 TEXTS = ["where is my order 5", "cheap shoes", "return my lamp", "store near 12", "best laptop under 40 dollars"]
 

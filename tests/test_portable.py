@@ -32,7 +32,6 @@ from querytune.tasks import get_task
 from .conftest import tiny_experiment
 from .test_ranking import COLUMNS, ranking_bert, ranking_data  # noqa: F401  (fixtures)
 from .test_rewrite import conv_data, tiny_gen_models  # noqa: F401  (fixtures)
-from .test_slots import slot_bert, slot_data  # noqa: F401  (fixtures)
 
 INTENT_TEXTS = ["where is my order 5", "cheap shoes for kids", "return my lamp", "store near 12"]
 SLOT_TEXTS = ["cheap wool socks for kids", "track my order"]

@@ -28,9 +28,8 @@ from querytune.cli import main
 from querytune.inference import LoadedRun
 from querytune.serving.export import export_run
 
-from .conftest import REPO, build_tiny_checkpoint, tiny_experiment, write_jsonl
+from .conftest import REPO, SLOT_WORDS, build_tiny_checkpoint, make_slot_rows, tiny_experiment, write_jsonl
 from .test_ranking import ranking_bert, ranking_data  # noqa: F401  (fixtures: the tiny ranking corpus and model)
-from .test_slots import SLOT_WORDS, make_slot_rows
 
 QUERIES = ["where is my order 5", "cheap shoes", "return my lamp"]
 

@@ -23,8 +23,15 @@ from querytune.tasks import get_task
 from querytune.tasks.classification.data import load_classification_splits, load_eval_split
 from querytune.tasks.slots.data import load_tagging_eval_split, load_tagging_splits
 
-from .conftest import build_tiny_checkpoint, data_sections, make_rows, tiny_experiment, write_jsonl
-from .test_slots import SLOT_WORDS, make_slot_rows
+from .conftest import (
+    SLOT_WORDS,
+    build_tiny_checkpoint,
+    data_sections,
+    make_rows,
+    make_slot_rows,
+    tiny_experiment,
+    write_jsonl,
+)
 
 # Test rows whose intent the train split lacks: a multi-intent string and a new intent (3 rows, 2 labels).
 UNSEEN_INTENT_ROWS = [{"text": "track order 5 and return my lamp", "intent": "order_status#return_refund"},
