@@ -25,6 +25,9 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
+from querytune.augment import option_classes as augmenter_option_classes
+from querytune.augment import options_owner as augmenter_option_owner
+from querytune.augment.args import AugmentArguments
 from querytune.errors import ConfigError
 from querytune.methods.registry import MethodArguments, get_method, method_names, option_owners
 from querytune.tasks import argument_classes, arguments_of, task_names
@@ -127,6 +130,13 @@ class DataArguments:
         default=10.0, metadata={"help": "Held out of train (seeded, stratified) when there is no validation split."}
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep a seeded sample of N train rows."})
+    max_train_samples_per_label: int | None = field(
+        default=None,
+        metadata={"help": "Keep a seeded sample of at most N train rows per label (intent; slot corpora: per intent "
+                  "where label_column exists, else N rows), before augmentation and max_train_samples: '10 queries "
+                  "per intent' from a full corpus. Samples of one seed are nested (the 10 hold the 5). Validation "
+                  "and test are never sampled by it."},
+    )  # fmt: skip
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Keep a seeded sample of N validation and N test rows."}
     )
@@ -182,7 +192,7 @@ class DataArguments:
         for item in self.rename_columns or []:
             if item.count("=") != 1 or not all(item.split("=")):
                 raise ValueError(f"rename_columns takes OLD=NEW items, got {item!r}")
-        for name in ("max_train_samples", "max_eval_samples"):
+        for name in ("max_train_samples", "max_train_samples_per_label", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
@@ -234,6 +244,12 @@ class QueryTrainingArguments(Seq2SeqTrainingArguments):
     per_device_eval_batch_size: int = field(default=128, metadata={"help": "Batch size per device for evaluation."})
     # PeftModel hides the labels from Trainer's signature inspection (see NOTES.md): name them explicitly.
     label_names: list[str] | None = field(default_factory=lambda: ["labels"], metadata={"help": "Label keys."})
+    min_train_steps: int | None = field(
+        default=None,
+        metadata={"help": "Train at least this many optimizer steps: when num_train_epochs would make fewer (a small "
+                  "train set), the epochs are raised to reach it (warm-up, a fraction, scales with them). Ignored "
+                  "with max_steps."},
+    )  # fmt: skip
     early_stopping_patience: int | None = field(
         default=None, metadata={"help": "Stop after N evaluations without improvement (needs metric_for_best_model)."}
     )
@@ -257,6 +273,8 @@ class QueryTrainingArguments(Seq2SeqTrainingArguments):
             raise ValueError(
                 f"max_steps must be a positive number of steps, or -1 to train for num_train_epochs; got {self.max_steps}"
             )
+        if self.min_train_steps is not None and self.min_train_steps < 1:
+            raise ValueError(f"min_train_steps must be at least 1, got {self.min_train_steps}")
         if self.max_steps == -1 and not self.num_train_epochs > 0:
             raise ValueError(f"num_train_epochs must be positive (or set max_steps), got {self.num_train_epochs}")
         super().__post_init__()
@@ -275,6 +293,18 @@ class ExperimentConfig:
     source: str | None = None
     # The option dataclass of every registered task that has one, by class (`task_args` is this run's).
     task_sections: dict[type, Any] = field(default_factory=dict)
+    augment: AugmentArguments = field(default_factory=AugmentArguments)
+    # The option dataclass of every registered augmenter, by class (`augmenter_args` gives one).
+    augmenter_sections: dict[type, Any] = field(default_factory=dict)
+
+    def augmenter_args(self, augmenter: type) -> Any:
+        """The options of one augmenter class (its defaults when the config was built in code)."""
+        cls = augmenter.options
+        if cls is None:
+            return None
+        if cls not in self.augmenter_sections:
+            self.augmenter_sections[cls] = cls()
+        return self.augmenter_sections[cls]
 
     @property
     def task_args(self) -> Any:
@@ -290,6 +320,13 @@ class ExperimentConfig:
         sections = [("model", self.model), ("data", self.data), ("method", self.method)]
         if self.task_args is not None:
             sections.append((f"task: {self.data.task} ({type(self.task_args).__name__})", self.task_args))
+        sections.append(("augmentation of the train split", self.augment))
+        from querytune.augment import get_augmenter
+
+        for name in self.augment.augment or []:  # the options of the augmenters in use (the others do not apply)
+            options = self.augmenter_args(get_augmenter(name))
+            if options is not None:
+                sections.append((f"augmenter: {name}", options))
         return sections
 
     def to_flat_dict(self) -> dict[str, Any]:
@@ -322,7 +359,8 @@ _NOT_SAVED = {"hub_token", "local_rank"}
 
 def sections() -> tuple[type, ...]:
     """Every dataclass whose fields are experiment keys: model, data, method, each task's options, training."""
-    return (ModelArguments, DataArguments, MethodArguments, *argument_classes(), QueryTrainingArguments)
+    return (ModelArguments, DataArguments, MethodArguments, AugmentArguments, *augmenter_option_classes(),
+            *argument_classes(), QueryTrainingArguments)  # fmt: skip
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -544,6 +582,51 @@ def _switch_method(file_values: dict[str, Any], source: str, overrides: list[str
                            method, source, ", ".join(named))  # fmt: skip
 
 
+def _cli_list(overrides: list[str], key: str) -> list[str] | None:
+    """The values given to a list flag on the command line (`--key a b`, `--key=a,b`), the last time; or None."""
+    values = None
+    for i, tok in enumerate(overrides):
+        if tok == f"--{key}":
+            values = []
+            for nxt in overrides[i + 1 :]:
+                if nxt.startswith("--"):
+                    break
+                values.append(nxt)
+        elif tok.startswith(f"--{key}="):
+            values = [tok.split("=", 1)[1]]
+    return values
+
+
+def _augmenter_names(value: Any) -> list[str]:
+    items = value if isinstance(value, list) else [] if value is None else [value]
+    names = [n.strip() for item in items for n in str(item).split(",") if n.strip()]
+    return [] if names in (["none"], ["null"]) else names
+
+
+def _switch_augmenters(file_values: dict[str, Any], source: str, overrides: list[str], cli_set: set[str],
+                       cli_nulls: set[str]) -> None:  # fmt: skip
+    """Options of augmenters that `augment` does not list are an error naming the key; when `augment` comes from the
+    command line (or a sweep), the file's options of the augmenters it drops are dropped with one notice."""
+    given = _cli_list(overrides, "augment")
+    from_cli = given is not None or "augment" in cli_nulls
+    selected = _augmenter_names([] if "augment" in cli_nulls else given if given is not None else
+                                file_values.get("augment"))  # fmt: skip
+    owned = {k: augmenter_option_owner(k) for k in {*cli_set, *file_values}}
+    for key in sorted(cli_set):
+        if owned.get(key) and owned[key] not in selected:
+            raise ConfigError(f"command line: {key} is set but augment does not include {owned[key]!r} (augment: "
+                              f"{', '.join(selected) or 'none'})")  # fmt: skip
+    stray = [k for k, v in file_values.items() if owned.get(k) and owned[k] not in selected and v is not None]
+    if stray and not from_cli:
+        raise ConfigError(f"{source}: {stray[0]} is set but augment does not include {owned[stray[0]]!r} (augment: "
+                          f"{', '.join(selected) or 'none'})")  # fmt: skip
+    for key in stray:
+        del file_values[key]
+    if stray:
+        logger.warning("augment %s on the command line: ignoring the options %s set for other augmenters: %s",
+                       ", ".join(selected) or "none", source, ", ".join(stray))  # fmt: skip
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Parse an experiment file plus `--key value` overrides into an `ExperimentConfig`.
 
@@ -570,6 +653,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     cli_keys = _cli_keys(overrides)
     overrides, cli_nulls = _pop_nulls(overrides)
     _switch_method(file_values, source, overrides, cli_keys - cli_nulls)
+    _switch_augmenters(file_values, source, overrides, cli_keys - cli_nulls, cli_nulls)
     nulls = {k for k, v in file_values.items() if v is None} - (cli_keys - cli_nulls) | cli_nulls
     classes = sections()
     parser = _RaisingParser(classes, allow_abbrev=False)
@@ -585,7 +669,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         raise ConfigError(f"{source}: {err}") from None
     if rest:
         raise _unparsed_argument(rest, known)
-    model, data, method, *task_parts, training = parsed
+    model, data, method, augment, *rest, training = parsed
+    n_augmenter = len(augmenter_option_classes())
+    augmenter_parts, task_parts = rest[:n_augmenter], rest[n_augmenter:]
 
     for key in nulls:  # `key: null` / `--key null` means None, not "keep the default"
         if key not in known:
@@ -596,7 +682,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             if key in {f.name for f in dataclasses.fields(section)}:
                 setattr(section, key, None)
     try:
-        for section in (model, data, method, *task_parts):
+        for section in (model, data, method, augment, *augmenter_parts, *task_parts):
             if hasattr(section, "__post_init__"):
                 section.__post_init__()
         for part in task_parts:  # rules across sections (e.g. a slot option set for another task)
@@ -614,4 +700,5 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if training.run_name is None:
         training.run_name = Path(path).stem if path is not None else None
     return ExperimentConfig(model=model, data=data, method=method, training=training, source=source,
-                            task_sections={type(part): part for part in task_parts})  # fmt: skip
+                            task_sections={type(part): part for part in task_parts}, augment=augment,
+                            augmenter_sections={type(part): part for part in augmenter_parts})  # fmt: skip

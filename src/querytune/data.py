@@ -27,9 +27,9 @@ from querytune.config import DataArguments
 from querytune.errors import DataError
 
 __all__ = ["UNSEEN_ID", "DataError", "UnseenLabels", "builder_for", "carve_validation", "check_columns",
-           "discover_split_files", "encode_labels", "finish_splits", "hash_bucket", "is_unseen", "label_names",
+           "append_rows", "column_strings", "discover_split_files", "encode_labels", "finish_splits", "hash_bucket", "is_unseen", "label_names",
            "load_one_split", "load_raw", "load_splits", "local_files", "present_splits", "rename_columns", "sample",
-           "sample_indices", "split_groups", "split_names", "unseen_labels_error"]  # fmt: skip
+           "sample_indices", "sample_per_label", "split_groups", "split_names", "unseen_labels_error"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -287,14 +287,23 @@ def encode_labels(ds: Dataset, split: str, column: str, labels: list[str], sourc
 
 
 # --- carving and sampling
-def finish_splits(splits: dict[str, Dataset], data: DataArguments, seed: int, stratify: bool = True) -> dict:
-    """Carve a seeded validation split from train when there is none, then apply max_train/eval_samples."""
+def finish_splits(splits: dict[str, Dataset], data: DataArguments, seed: int, stratify: bool = True,
+                  label_column: str | None = "labels") -> dict:  # fmt: skip
+    """Carve a seeded validation split from train when there is none, then apply max_train_samples_per_label (by
+    `label_column`; rows when it is None or absent) and max_train/eval_samples.
+
+    The validation split is carved first, so it is the same whatever the per-label sample size."""
     if "validation" not in splits:
         splits["train"], splits["validation"] = carve_validation(
             splits["train"], data.validation_split_percentage, seed, stratify
         )
         logger.info("no %r split: held out %d train rows as validation (seed %d)", data.validation_split,
                     len(splits["validation"]), seed)  # fmt: skip
+    if data.max_train_samples_per_label:
+        before = len(splits["train"])
+        splits["train"] = sample_per_label(splits["train"], label_column, data.max_train_samples_per_label, seed)
+        logger.info("max_train_samples_per_label %d: kept %d of %d train rows (seed %d)",
+                    data.max_train_samples_per_label, len(splits["train"]), before, seed)  # fmt: skip
     if data.max_train_samples:
         splits["train"] = sample(splits["train"], data.max_train_samples, seed)
     if data.max_eval_samples:
@@ -326,6 +335,23 @@ def sample_indices(total: int, n: int | None, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(total), n))
 
 
+def sample_per_label(ds: Dataset, column: str | None, n: int, seed: int) -> Dataset:
+    """At most n rows of each value of `column`, in their original order (n rows in all when the column is None or
+    absent). Each label's rows are shuffled by a seed of its own and the first n kept, so the sample of one label
+    does not depend on the others, and a smaller n keeps a subset of a larger one (nested samples)."""
+    if column is None or column not in ds.column_names:
+        logger.info("max_train_samples_per_label: no label column %r in train: sampling %d rows", column, n)
+        return sample(ds, n, seed)
+    groups: dict[Any, list[int]] = {}
+    for i, value in enumerate(ds[column]):
+        groups.setdefault(value, []).append(i)
+    keep: list[int] = []
+    for value, rows in groups.items():
+        random.Random(f"{seed}:{value}").shuffle(rows)
+        keep += rows[:n]
+    return ds.select(sorted(keep)) if len(keep) < len(ds) else ds
+
+
 def sample(items: Dataset | Sequence, n: int | None, seed: int):
     """A seeded random sample of n rows of a Dataset or items of a list, in their original order.
 
@@ -336,6 +362,21 @@ def sample(items: Dataset | Sequence, n: int | None, seed: int):
     if len(keep) == len(items):
         return items
     return items.select(keep) if isinstance(items, Dataset) else [items[i] for i in keep]
+
+
+def column_strings(ds: Dataset, column: str) -> list[str]:
+    """A column's values as strings (ClassLabel ids as their names)."""
+    feature = ds.features[column]
+    if isinstance(feature, ClassLabel):
+        return [feature.int2str(v) for v in ds[column]]
+    return ["" if v is None else str(v) for v in ds[column]]
+
+
+def append_rows(ds: Dataset, rows: list[dict[str, Any]]) -> Dataset:
+    """`ds` with `rows` (dicts with every column of `ds`) appended, typed by `ds`'s features."""
+    if not rows:
+        return ds
+    return datasets.concatenate_datasets([ds, Dataset.from_list(rows, features=ds.features)])
 
 
 def hash_bucket(key: str, seed: int = 0) -> float:

@@ -118,7 +118,7 @@ on `{info.get("dataset")}` ({info["num_labels"]} labels).
 | metric | value |
 |---|---|
 {rows}
-
+{training_data_section(info.get("training_data"))}
 ## Use
 
 {usage_section(task, label_info, info, source)}
@@ -174,6 +174,25 @@ def usage_section(task: Any, label_info: dict[str, Any], info: dict[str, Any], s
         f"registered it, which the first two lines do; the rest is plain PEFT (it fetches the base model `{base}`).\n\n"
         f"```python\nimport {module}\n{module}.{function}()\n" + "\n".join(lines) + "\n```"
     )
+
+
+def training_data_section(data: dict[str, Any] | None) -> str:
+    """What the model was trained on when the train split was sampled per label or augmented (the run's counts)."""
+    if not data:
+        return ""
+    lines = ["", "## Training data", ""]
+    if data.get("max_train_samples_per_label"):
+        lines.append(f"- At most {data['max_train_samples_per_label']} train rows per label (a seeded sample).")
+    if data.get("augment"):
+        lines.append(
+            f"- Augmented with {', '.join(data['augment'])}: {data.get('augment_generated', 0):,} rows generated, "
+            f"{data.get('augment_dropped_duplicate', 0):,} dropped as duplicates (of which "
+            f"{data.get('augment_dropped_heldout', 0):,} copied a validation or test query), "
+            f"{data.get('augment_dropped_filter', 0):,} dropped by the consistency filter, "
+            f"{data.get('augment_kept', 0):,} kept: {data.get('train_rows_augmented', 0):,} train rows from "
+            f"{data.get('train_rows_original', 0):,} (`augmented_train.jsonl` lists the new rows)."
+        )
+    return "\n".join(lines) + "\n"
 
 
 def write_model_card(output_dir: Path, info: dict[str, Any]) -> None:

@@ -33,6 +33,7 @@ import transformers
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, set_seed
 
 from querytune import __version__, tracking
+from querytune.augment.pipeline import augment_train
 from querytune.config import ExperimentConfig, load_config
 from querytune.errors import ConfigError, PushError, RunError, run_guarded
 from querytune.hub import hub_model_id, push_run, write_model_card
@@ -180,6 +181,7 @@ def run(config: ExperimentConfig, callbacks: list[TrainerCallback] | None = None
     task = get_task(config.data.task)(config)
     with args.main_process_first(desc="loading and tokenising data"):
         splits = task.load_data()
+        splits, augment_counts = augment_train(task, splits, config, out if args.should_save else None)
         tokenizer = load_tokenizer(
             config.model.tokenizer_name or config.model.model_name_or_path,
             config.model.model_revision,
@@ -194,6 +196,12 @@ def run(config: ExperimentConfig, callbacks: list[TrainerCallback] | None = None
     )
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.num_train_epochs)
     check_steps(total_steps, len(encoded["train"]), config)
+    if args.max_steps <= 0 and args.min_train_steps and total_steps < args.min_train_steps:
+        epochs = math.ceil(args.min_train_steps / steps_per_epoch)
+        logger.info("min_train_steps %d: %d train rows make %d steps in %g epochs; training %d epochs (%d steps)",
+                    args.min_train_steps, len(encoded["train"]), total_steps, args.num_train_epochs, epochs,
+                    epochs * steps_per_epoch)  # fmt: skip
+        args.num_train_epochs, total_steps = epochs, epochs * steps_per_epoch
     model, new_modules = task.load_model()
     # These models return a per-process mean loss although their forward takes **kwargs; without this Trainer
     # rescales the loss by world size and accumulation steps (see NOTES.md).
@@ -260,6 +268,8 @@ def run(config: ExperimentConfig, callbacks: list[TrainerCallback] | None = None
     metrics["train_step_samples_per_second"] = throughput.samples_per_second(args)
     metrics["peak_memory_mb"], memory_kind = peak_memory_mb()
     metrics["world_size"] = args.world_size
+    metrics |= augment_counts | {"train_rows": len(encoded["train"]), "schedule_epochs": args.num_train_epochs,
+                                 "schedule_steps": total_steps}  # fmt: skip
 
     # --- evaluate
     for role in ("validation", "test"):
@@ -300,6 +310,9 @@ def run(config: ExperimentConfig, callbacks: list[TrainerCallback] | None = None
             "weights": [p.name for p in weights],
             "metrics": {k: v for k, v in metrics.items() if k.startswith(("eval_", "test_"))},
         }
+        if augment_counts or config.data.max_train_samples_per_label:
+            info["training_data"] = {"max_train_samples_per_label": config.data.max_train_samples_per_label,
+                                     "augment": config.augment.augment, **augment_counts}  # fmt: skip
         write_model_card(out, info)
         hub = {"repo_id": args.hub_model_id or out.name, "token": hub_token, "private": args.hub_private_repo}
         failures = finish_after_training(wandb_run, metrics, out, info, status, hub if push else None)

@@ -195,6 +195,25 @@ class Task(ABC):
     def evaluate(self, run, split: str, out_dir: Path, batch_size: int = 64) -> dict[str, Any]:
         """Score a loaded run on one split of `self.config.data`; write the reports (`querytune eval`)."""
 
+    # --- augmentation of the train split (`augment`, querytune.augment)
+    def augment_unsupported(self) -> str | None:
+        """Why this task's train rows cannot be augmented (one line), or None when they can."""
+        return f"task {self.config.data.task!r} does not support augmentation"
+
+    def augment_examples(self, split) -> list:
+        """The rows of one split as augmenter `Example`s (words, label, and tags on slot corpora); `source` is the
+        row's index."""
+        raise NotImplementedError(self.augment_unsupported() or "augment_examples")
+
+    def augmented_train(self, train, examples: list) -> Any:
+        """The train split with one row appended per example (other columns copied from its source row)."""
+        raise NotImplementedError(self.augment_unsupported() or "augmented_train")
+
+    def augment_agreement(self, run, examples: list) -> list[bool]:
+        """This loaded run as a consistency filter (`augment_filter_run`): does it predict each example's label (and,
+        on slot corpora, its spans)? An example whose label the run does not know is a `ConfigError`."""
+        raise NotImplementedError(f"a {self.config.data.task} run cannot filter augmented rows")
+
     # --- search (`POST /search`): runs that rank a catalogue of their own for a query
     def search_unsupported(self) -> str | None:
         """Why this run cannot search a catalogue (one line), or None when it can."""

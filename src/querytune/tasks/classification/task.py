@@ -16,7 +16,8 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 
 from querytune import distill
 from querytune.batching import encoded_batches
-from querytune.data import UnseenLabels
+from querytune.data import UnseenLabels, append_rows
+from querytune.errors import ConfigError
 from querytune.metrics import load_metric
 from querytune.progress import progress
 from querytune.tasks.base import Task
@@ -237,6 +238,30 @@ class ClassificationTask(Task):
         if self.oos is not None and self.oos.detector != "none":
             oos.plot_tradeoff(logits, label_ids, self.oos, out_dir / f"{split}_oos_tradeoff.png",
                               title=f"{self.oos.detector} on the {split} split")  # fmt: skip
+
+    # --- augmentation
+    def augment_unsupported(self) -> str | None:
+        return None
+
+    def augment_examples(self, split) -> list:
+        from querytune.augment.base import Example
+
+        texts, ids = split[self.config.data.text_column], split["labels"]
+        return [Example((text or "").split(), self.labels[i] if i >= 0 else "", source=row)
+                for row, (text, i) in enumerate(zip(texts, ids, strict=True))]  # fmt: skip
+
+    def augmented_train(self, train, examples: list):
+        label2id = {label: i for i, label in enumerate(self.labels)}
+        column = self.config.data.text_column
+        return append_rows(train, [{**train[ex.source], column: ex.text, "labels": label2id[ex.label]}
+                                   for ex in examples])  # fmt: skip
+
+    def augment_agreement(self, run, examples: list) -> list[bool]:
+        unknown = sorted({ex.label for ex in examples} - set(self.answer_names))
+        if unknown:
+            raise ConfigError(f"augment_filter_run {run.run_dir}: the run does not know the label(s) {unknown[:10]}")
+        predictions = self.predict(run, [ex.text for ex in examples], top_k=1)
+        return [p["label"] == ex.label for p, ex in zip(predictions, examples, strict=True)]
 
     # --- inference on a loaded run
     @torch.inference_mode()

@@ -166,6 +166,8 @@ def load_tagging_splits(data: DataArguments, args: SlotsArguments, seed: int, wi
     """
     found, wanted, source = load_splits(data)
     keep = [data.label_column] if with_intent else []
+    # A slot corpus with an intent column keeps it in train: per-label sampling and augmentation group by it.
+    intent_column = data.label_column in found["train"].column_names
     splits: dict[str, Dataset] = {}
     classlabel_names = None
     for role, ds in found.items():
@@ -173,7 +175,8 @@ def load_tagging_splits(data: DataArguments, args: SlotsArguments, seed: int, wi
         _check_columns(split, ds, data, args, with_intent, source)
         if role == "train":
             classlabel_names = _classlabel_names(ds, args.tags_column)
-        splits[role] = _normalise(ds, split, args, source, keep)
+        splits[role] = _normalise(ds, split, args, source, [data.label_column] if role == "train" and
+                                  intent_column else keep)  # fmt: skip
 
     try:
         tags = tag_vocabulary(splits["train"]["tags"], classlabel_names)
@@ -195,7 +198,8 @@ def load_tagging_splits(data: DataArguments, args: SlotsArguments, seed: int, wi
             ds = encode_labels(ds, wanted[role], data.label_column, intents, source, intent_policy, role)
         splits[role] = ds
 
-    splits = finish_splits(splits, data, seed, stratify=intents is not None)
+    by = "labels" if intents is not None else (data.label_column if intent_column else None)
+    splits = finish_splits(splits, data, seed, stratify=intents is not None, label_column=by)
     splits = {k: _finish(v, data, intents) for k, v in splits.items()}
     unseen.count_kept(splits)
     return TaggedSplits(DatasetDict(splits), tags, intents, unseen)

@@ -22,7 +22,8 @@ from transformers import AutoModelForTokenClassification, DataCollatorForTokenCl
 
 from querytune import distill
 from querytune.config import ExperimentConfig
-from querytune.data import UnseenLabels
+from querytune.data import UnseenLabels, append_rows, column_strings
+from querytune.errors import ConfigError
 from querytune.methods.registry import get_method
 from querytune.metrics import load_metric
 from querytune.progress import progress
@@ -377,6 +378,44 @@ class SlotsTask(Task):
         for i, o in enumerate(outputs):
             stacked[i, : len(o.positions)] = o.slot_logits
         return stacked
+
+    # --- augmentation
+    def augment_unsupported(self) -> str | None:
+        return None
+
+    def augment_examples(self, split) -> list:
+        """Words and tags per row; the label is the intent (joint task, or a slot corpus with an intent column)."""
+        from querytune.augment.base import Example
+
+        labels = [""] * len(split)
+        if "intent_labels" in split.column_names:
+            labels = [self.intents[i] if i >= 0 else "" for i in split["intent_labels"]]
+        elif self.config.data.label_column in split.column_names:
+            labels = column_strings(split, self.config.data.label_column)
+        return [Example(list(words), label, list(tags), row)
+                for row, (words, tags, label) in enumerate(zip(split["words"], split["tags"], labels, strict=True))]  # fmt: skip
+
+    def augmented_train(self, train, examples: list):
+        tag2id = {tag: i for i, tag in enumerate(self.labels)}
+        return append_rows(train, [{**train[ex.source], "words": ex.words, "tags": ex.tags,
+                                    "tag_ids": [tag2id[t] for t in ex.tags]} for ex in examples])  # fmt: skip
+
+    def augment_agreement(self, run, examples: list) -> list[bool]:
+        """The run predicts each row's spans (type and words) and, for a joint run, its intent."""
+        from querytune.augment.base import spans
+
+        if self.with_intent:
+            unknown = sorted({ex.label for ex in examples} - set(self.intent_names))
+            if unknown:
+                raise ConfigError(f"augment_filter_run {run.run_dir}: the run does not know the intent(s) "
+                                  f"{unknown[:10]}")  # fmt: skip
+        predictions = self.predict(run, [ex.text for ex in examples], top_k=1)
+        agree = []
+        for p, ex in zip(predictions, examples, strict=True):
+            gold = [(kind, " ".join(words)) for kind, words in spans(ex.words, ex.tags or ["O"] * len(ex.words))]
+            same = [(s["label"], s["text"]) for s in p["spans"]] == gold
+            agree.append(same and (not self.with_intent or p["intent"] == ex.label))
+        return agree
 
     def predict(self, run, texts: list[str], top_k: int = 3, batch_size: int = 64, **inputs) -> list[dict[str, Any]]:
         """Slot spans with character offsets into each query, and for a joint run the intent.
