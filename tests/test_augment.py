@@ -250,7 +250,10 @@ def tiny_causal_lm(tmp_path_factory) -> Path:
                          num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, bos_token_id=2,
                          eos_token_id=3)  # fmt: skip
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    model = LlamaForCausalLM(config)
+    # random weights never end a line: end every output at its length limit, as a real model ends its line
+    model.generation_config.forced_eos_token_id = 3
+    model.save_pretrained(folder)
     return folder
 
 
@@ -287,6 +290,7 @@ class Scripted(Augmenter):
 
     name = "scripted"
     options = None
+    uses_model = True  # batched by augment_batch_size
     outputs: ClassVar[dict[str, list[str]]] = {}
     calls: ClassVar[list[int]] = []
     fail_after: ClassVar[int | None] = None
@@ -381,9 +385,9 @@ def test_generation_is_cached_and_a_killed_run_resumes_where_it_stopped(tmp_path
 
     original = pipeline.run_augmenter
 
-    def small_batches(aug, items, seed, cache_dir):
-        aug.uses_model, aug.context.batch_size = True, 16
-        return original(aug, items, seed, cache_dir)
+    def small_batches(aug, items, seed, cache_dir, stats=None):
+        aug.context.batch_size = 16
+        return original(aug, items, seed, cache_dir, stats)
 
     pipeline.run_augmenter = small_batches
     try:

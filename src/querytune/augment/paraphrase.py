@@ -47,8 +47,10 @@ class ParaphraseArguments:
     )
     paraphrase_top_p: float | None = field(default=None, metadata={"help": "paraphrase: nucleus sampling (0.95)."})
     paraphrase_max_new_tokens: int | None = field(
-        default=None, metadata={"help": "paraphrase: longest output in tokens (default 32)."}
-    )
+        default=None,
+        metadata={"help": "paraphrase: longest output in tokens (default 1.5 x the batch's longest query + 8); an "
+                  "output still going at that length is dropped."},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.paraphrase_prompt is not None and "{query}" not in self.paraphrase_prompt:
@@ -62,7 +64,7 @@ class ParaphraseArguments:
             "prompt": self.paraphrase_prompt or DEFAULT_PROMPT,
             "temperature": self.paraphrase_temperature or 0.8,
             "top_p": self.paraphrase_top_p or 0.95,
-            "max_new_tokens": self.paraphrase_max_new_tokens or 32,
+            "max_new_tokens": self.paraphrase_max_new_tokens,
         }
 
 
@@ -118,5 +120,7 @@ class ParaphraseAugmenter(TextRewriter):
         from querytune.augment.generation import sample_texts
 
         s = self.settings
-        return sample_texts(self.gen, [self.prompt(q) for q in queries], n, seed, s["max_new_tokens"],
-                            do_sample=True, temperature=s["temperature"], top_p=s["top_p"])  # fmt: skip
+        longest = max(len(ids) for ids in self.gen.tokenizer(queries, add_special_tokens=False)["input_ids"])
+        return sample_texts(self.gen, [self.prompt(q) for q in queries], n, seed,
+                            s["max_new_tokens"] or int(1.5 * longest) + 8, do_sample=True,
+                            temperature=s["temperature"], top_p=s["top_p"])  # fmt: skip

@@ -92,6 +92,8 @@ def run_augmenter(aug: Augmenter, items: list[tuple[Example, int]], seed: int, c
             logger.info("augment %s: %d of %d rows from the cache %s", aug.name, len(items) - len(missing),
                         len(items), cache.path)  # fmt: skip
         size = aug.context.batch_size if aug.uses_model else 512
+        if aug.uses_model:  # batches of similar length: little padding, and generation stops with the batch
+            missing.sort(key=lambda i: len(items[i][0].words))
         batches = [missing[s : s + size] for s in range(0, len(missing), size)]
         for batch in progress(batches, f"augmenting with {aug.name}", unit="batch"):
             made = aug.generate([items[i][0] for i in batch], [items[i][1] for i in batch], seed)
