@@ -1,4 +1,4 @@
-"""Which int8 setting agrees with the fp32 run: every setting of `querytune.serving.export.QUANT_SETTINGS`, on the
+"""Which int8 setting agrees with the fp32 run: every setting of `querytune.serving.quantize.QUANT_SETTINGS`, on the
 fused and on the plain ONNX graph of a CLINC150 intent run, scored against the PyTorch run.
 
     python benchmarks/quantization.py --run runs/clinc150-full                       # every setting, both graphs
@@ -117,11 +117,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from querytune.inference import LoadedRun
     from querytune.serving import export as ex
+    from querytune.serving import quantize as qz
+    from querytune.serving import verify as vf
 
     load_before = load_average()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    names = args.settings or list(ex.QUANT_SETTINGS)
-    settings = [ex.quant_setting(n) for n in names]
+    names = args.settings or list(qz.QUANT_SETTINGS)
+    settings = [qz.quant_setting(n) for n in names]
     run = Path(args.run)
     reference = LoadedRun(run, merge=False, device="cpu")
     labels = reference.task.labels
@@ -150,15 +152,15 @@ def main() -> None:
                                   else f"not fused: {opt['reason']}")  # fmt: skip
             src = export_dir / "model.onnx"
             fp32_loaded = LoadedRun(export_dir, device="cpu", threads=args.threads)
-            ctexts, cpairs = ex.training_sample(reference, 512)
+            ctexts, cpairs = vf.training_sample(reference, 512)
             calibration_size = len(ctexts)
-            feeds = ex.calibration_feeds(reference, ctexts, cpairs, info["inputs"])
-            one_shape = ex.calibration_feeds(reference, ctexts, cpairs, info["inputs"], one_shape=True)
+            feeds = qz.calibration_feeds(reference, ctexts, cpairs, info["inputs"])
+            one_shape = qz.calibration_feeds(reference, ctexts, cpairs, info["inputs"], one_shape=True)
             cache: dict = {}
-            ranked = cache[(str(src), ("MatMul",), True)] = ex.sensitivity(src, feeds, ("MatMul",), work, True)
+            ranked = cache[(str(src), ("MatMul",), True)] = qz.sensitivity(src, feeds, ("MatMul",), work, True)
             sensitivity_tables[graph] = ranked
             tried = settings if graph != "plain" or args.plain_settings is None else [
-                ex.quant_setting(n) for n in args.plain_settings]  # fmt: skip
+                qz.quant_setting(n) for n in args.plain_settings]  # fmt: skip
             # a setting names the fused graph it is for; the plain graph takes the packed ones (no attention fused)
             tried = [s for s in tried if s.attention == (attention if graph != "plain" else "packed")]
             candidates = [(None, "fp32")] + [(s, s.name) for s in tried]
@@ -168,21 +170,21 @@ def main() -> None:
                 record = {"excluded_nodes": []}
                 if setting is not None:  # histogram calibration needs one shape, as export's finish_graph does it
                     histogram = setting.static and setting.calibrate_method != "MinMax"
-                    record = ex.quantize_graph(src, dst, setting, one_shape if histogram else feeds, work, cache)
+                    record = qz.quantize_graph(src, dst, setting, one_shape if histogram else feeds, work, cache)
                 quant_s = time.perf_counter() - t0
                 graph_path = dst if setting else src
                 row = {"graph": graph, "setting": name, "quantize_s": quant_s, "excluded": record["excluded_nodes"],
                        "int8_matmuls": len(ranked) - len(record["excluded_nodes"]) if setting else 0}  # fmt: skip
                 for split, (texts, gold) in splits.items():
                     t0 = time.perf_counter()
-                    logits = ex.graph_outputs(fp32_loaded, graph_path, texts, None)["logits"]
+                    logits = vf.graph_outputs(fp32_loaded, graph_path, texts, None)["logits"]
                     row[f"{split}_qps"] = len(texts) / (time.perf_counter() - t0)
                     row[split] = scores(logits, ref[split], gold, labels)
                     if split == "validation":
                         val_same = np.argmax(logits, -1) == np.argmax(ref[split], -1)
                 foreign_same = np.zeros(0, dtype=bool)
                 if foreign:
-                    logits = ex.graph_outputs(fp32_loaded, graph_path, foreign, None)["logits"]
+                    logits = vf.graph_outputs(fp32_loaded, graph_path, foreign, None)["logits"]
                     foreign_same = np.argmax(logits, -1) == np.argmax(ref["foreign"], -1)
                 pool = np.concatenate([val_same[val_oos], foreign_same])
                 row["oos_pool"] = 100 * float(np.mean(pool))

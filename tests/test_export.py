@@ -16,6 +16,8 @@ from querytune.inference import LoadedRun, load_run
 from querytune.runs import EXPORT_MARKER, ONNX_FILE, read_export
 from querytune.serving import export as export_module
 from querytune.serving.export import DEFAULT_QUANT, FUSION_TOLERANCE, QUANT_SETTINGS, VERIFY_FILE, export_run
+from querytune.serving.quantize import QuantSetting, calibration_feeds, run_graph, smooth_graph
+from querytune.serving.verify import training_sample
 
 from .conftest import SLOT_WORDS, make_slot_rows, tiny_experiment, write_jsonl
 from .test_ranking import ranking_bert, ranking_data  # noqa: F401  (fixtures: the tiny ranking corpus and model)
@@ -345,7 +347,7 @@ def test_a_skip_count_above_the_node_count_leaves_half_int8(lora_run, tmp_path, 
     """A setting's k most sensitive nodes are capped at half of them: a small model keeps int8 where it can."""
     import onnx
 
-    setting = export_module.QuantSetting("skip-everything", exclude_sensitive=1000)
+    setting = QuantSetting("skip-everything", exclude_sensitive=1000)
     monkeypatch.setitem(QUANT_SETTINGS, setting.name, setting)
     info = export_run(lora_run, fmt="onnx", quantize="int8", output_dir=tmp_path / "q", quantization=setting.name)
     ranked = info["quantization"]["sensitivity"]
@@ -359,10 +361,10 @@ def test_smoothing_changes_no_output_in_fp32(lora_run, tmp_path):
     export_run(lora_run, fmt="onnx", output_dir=tmp_path / "onnx")
     src = tmp_path / "onnx" / ONNX_FILE
     run = LoadedRun(lora_run, merge=False)
-    texts, _ = export_module.training_sample(run, 64)
-    feeds = export_module.calibration_feeds(run, texts, None, ["input_ids", "token_type_ids", "attention_mask"])
-    record = export_module.smooth_graph(src, tmp_path / "smoothed.onnx", feeds, alpha=0.5)
+    texts, _ = training_sample(run, 64)
+    feeds = calibration_feeds(run, texts, None, ["input_ids", "token_type_ids", "attention_mask"])
+    record = smooth_graph(src, tmp_path / "smoothed.onnx", feeds, alpha=0.5)
     assert record["smoothed_matmuls"] > 0
-    before, after = export_module.run_graph(src, feeds), export_module.run_graph(tmp_path / "smoothed.onnx", feeds)
+    before, after = run_graph(src, feeds), run_graph(tmp_path / "smoothed.onnx", feeds)
     for a, b in zip(before, after, strict=True):
         np.testing.assert_allclose(a[0], b[0], rtol=1e-4, atol=1e-4)

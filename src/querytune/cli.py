@@ -23,8 +23,10 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from querytune.errors import ConfigError, RunError, run_guarded
+from querytune.tasks import declared_inputs
 from querytune.validation import query_problem
 
 logger = logging.getLogger("querytune")
@@ -98,17 +100,17 @@ def _read_queries(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    candidates = _read_candidates(args)
+    given = _read_inputs(args)
     queries = _read_queries(args)
     with stdout_to_stderr():
         from querytune.inference import LoadedRun
 
         loaded = LoadedRun(args.run_dir, merge=not args.no_merge, trust_remote_code=args.trust_remote_code,
                            allow_status=args.allow_status)  # fmt: skip
-        given = {name: value for name, value in (("candidates", candidates), ("catalogue", args.catalogue)) if value}
-        unused = [name for name in given if name not in loaded.task.request_inputs]
+        takes = {spec.name for spec in loaded.task.request_inputs}
+        unused = [name for name in given if name not in takes]
         if unused:
-            flags = " / ".join(f"--{n}" + (" / --candidates_file" if n == "candidates" else "") for n in unused)
+            flags = " / ".join(" / ".join(_input_flags(declared_inputs()[n][0])) for n in unused)
             raise ValueError(f"{flags}: not used by a {loaded.config.data.task} run")
         truncated = loaded.count_truncated(queries)
         if truncated:
@@ -120,21 +122,47 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_candidates(args: argparse.Namespace) -> list[str] | None:
-    """Candidate documents for a rerank run: --candidates, and/or --candidates_file (one per line; '-' is stdin)."""
-    candidates = list(args.candidates or [])
-    if args.candidates_file == "-":
-        candidates += [line.strip() for line in sys.stdin if line.strip()]
-    elif args.candidates_file:
-        path = Path(args.candidates_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"candidates file not found: {path}")
-        candidates += [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    for i, text in enumerate(candidates):
-        problem = query_problem(text)
-        if problem:
-            raise ValueError(f"candidate {i + 1} {problem}")
-    return candidates or None
+def _input_flags(spec) -> list[str]:
+    """The `querytune predict` flags of a task input: --NAME, and --NAME_file for a list of texts."""
+    return [f"--{spec.name}", f"--{spec.name}_file"] if spec.kind == "texts" else [f"--{spec.name}"]
+
+
+def _add_input_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag per input that some task's predict takes besides the queries, from the tasks' declarations."""
+    for name, (spec, tasks) in declared_inputs().items():
+        if spec.kind == "texts":
+            parser.add_argument(f"--{name}", nargs="+", help=spec.help)
+            parser.add_argument(f"--{name}_file", f"--{name}-file",
+                                help=f"{', '.join(tasks)}: one {spec.item} per line ('-': stdin)")  # fmt: skip
+        else:
+            parser.add_argument(f"--{name}", help=spec.help)
+
+
+def _read_inputs(args: argparse.Namespace) -> dict[str, Any]:
+    """The task inputs given on the command line: a list of texts from --NAME and/or --NAME_file (one per line;
+    '-' is stdin), each checked as a query is; a path as given."""
+    given: dict[str, Any] = {}
+    for name, (spec, _) in declared_inputs().items():
+        if spec.kind != "texts":
+            if getattr(args, name, None):
+                given[name] = getattr(args, name)
+            continue
+        texts = list(getattr(args, name, None) or [])
+        source = getattr(args, f"{name}_file", None)
+        if source == "-":
+            texts += [line.strip() for line in sys.stdin if line.strip()]
+        elif source:
+            path = Path(source)
+            if not path.is_file():
+                raise FileNotFoundError(f"{name} file not found: {path}")
+            texts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        for i, text in enumerate(texts):
+            problem = query_problem(text)
+            if problem:
+                raise ValueError(f"{spec.item} {i + 1} {problem}")
+        if texts:
+            given[name] = texts
+    return given
 
 
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -299,9 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--batch_size", "--batch-size", type=positive_int, default=64, help="queries per model call")
     predict.add_argument("--no_merge", "--no-merge", action="store_true", help="keep the adapter unmerged")
-    predict.add_argument("--candidates", nargs="+", help="rerank: the documents to rank for the query")
-    predict.add_argument("--candidates_file", "--candidates-file", help="rerank: one document per line ('-': stdin)")
-    predict.add_argument("--catalogue", help="retrieval: a catalogue file to search (default: the run's dataset)")
+    _add_input_flags(predict)
     _allow_status(predict)
     predict.add_argument("--trust_remote_code", "--trust-remote-code", action="store_true", help=TRUST_HELP)
 
@@ -350,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--no_optimize", "--no-optimize", action="store_true",
                         help="ONNX: skip ONNX Runtime's transformer fusions (kept only where they match the run)")  # fmt: skip
     export.add_argument("--quantization", default=None,
-                        help="--quantize int8: the setting (see querytune.serving.export.QUANT_SETTINGS; default: the "
+                        help="--quantize int8: the setting (see querytune.serving.quantize.QUANT_SETTINGS; default: the "
                         "one chosen on CLINC150)")  # fmt: skip
     _allow_status(export)
     export.add_argument("--trust_remote_code", "--trust-remote-code", action="store_true", help=TRUST_HELP)

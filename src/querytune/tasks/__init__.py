@@ -14,12 +14,33 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class TaskInput:
+    """An input a task's `predict` takes besides the queries (rerank's candidates, retrieval's catalogue).
+
+    `querytune predict` gets its flags and `POST /predict` its request fields from these declarations, so neither
+    names a task's inputs itself.
+    """
+
+    name: str  # the keyword `predict` takes, the flag `--NAME`, the request field
+    help: str
+    kind: str = "texts"  # "texts": a list of texts (--NAME T ..., --NAME_file FILE; a request field); "path": a file
+    item: str = "text"  # what one of the texts is called in an error ("candidate 3 is empty")
+
+    @property
+    def in_requests(self) -> bool:
+        """Whether `POST /predict` takes it (a path names a file on the serving machine: the CLI only)."""
+        return self.kind == "texts"
+
+
+@dataclass(frozen=True)
 class TaskEntry:
-    """Where a task's class and its option dataclass live ("module:Name", or the objects themselves)."""
+    """Where a task's class and its option dataclass live ("module:Name", or the objects themselves), and the inputs
+    its predict takes (a tuple of `TaskInput`, or "module:NAME" of one; default: the class's `request_inputs`)."""
 
     name: str
     task: str | type
     arguments: str | type | None = None
+    inputs: str | tuple | None = None
 
 
 def _resolve(target: str | type) -> Any:
@@ -32,14 +53,16 @@ def _resolve(target: str | type) -> Any:
 _REGISTRY: dict[str, TaskEntry] = {}
 
 
-def register_task(name: str, task: str | type, arguments: str | type | None = None, replace: bool = False) -> None:
+def register_task(name: str, task: str | type, arguments: str | type | None = None, replace: bool = False,
+                  inputs: str | tuple | None = None) -> None:  # fmt: skip
     """Make `task: <name>` train with `task` (a Task subclass); `arguments` is its option dataclass, whose fields
-    become flat experiment keys and flags. Defaults to the class's own `arguments` attribute."""
+    become flat experiment keys and flags. Defaults to the class's own `arguments` attribute. `inputs`: the
+    `TaskInput`s of its predict, where the class is given by path (so that `querytune --help` imports no task)."""
     if name in _REGISTRY and not replace:
         raise ValueError(f"task {name!r} is already registered")
     if arguments is None and not isinstance(task, str):
         arguments = getattr(task, "arguments", None)
-    _REGISTRY[name] = TaskEntry(name, task, arguments)
+    _REGISTRY[name] = TaskEntry(name, task, arguments, inputs)
 
 
 def unregister_task(name: str) -> None:
@@ -67,6 +90,23 @@ def argument_classes() -> list[type]:
     return list(dict.fromkeys(_resolve(e.arguments) for e in _REGISTRY.values() if e.arguments is not None))
 
 
+def inputs_of(name: str) -> tuple[TaskInput, ...]:
+    """The inputs a registered task's predict takes besides the queries."""
+    entry = _REGISTRY[name]
+    if entry.inputs is None:
+        return tuple(getattr(get_task(name), "request_inputs", ()))
+    return tuple(_resolve(entry.inputs))
+
+
+def declared_inputs() -> dict[str, tuple[TaskInput, list[str]]]:
+    """Every input any registered task takes, by name, with the tasks that take it (the CLI's and the API's fields)."""
+    found: dict[str, tuple[TaskInput, list[str]]] = {}
+    for name in _REGISTRY:
+        for spec in inputs_of(name):
+            found.setdefault(spec.name, (spec, []))[1].append(name)
+    return found
+
+
 def arguments_of(name: str) -> type | None:
     """The option dataclass of one task, or None."""
     entry = _REGISTRY.get(name)
@@ -74,13 +114,15 @@ def arguments_of(name: str) -> type | None:
 
 
 _T = "querytune.tasks"
-for _name, _task, _args in (
-    ("intent", f"{_T}.classification.task:ClassificationTask", None),
-    ("text_classification", f"{_T}.classification.task:ClassificationTask", None),
-    ("slots", f"{_T}.slots.task:SlotsTask", f"{_T}.slots.args:SlotsArguments"),
-    ("intent_slots", f"{_T}.slots.task:IntentSlotsTask", f"{_T}.slots.args:SlotsArguments"),
-    ("rerank", f"{_T}.ranking.rerank:RerankTask", f"{_T}.ranking.args:RankingArguments"),
-    ("retrieval", f"{_T}.ranking.retrieval:RetrievalTask", f"{_T}.ranking.args:RankingArguments"),
-    ("rewrite", f"{_T}.rewrite.task:RewriteTask", f"{_T}.rewrite.args:RewriteArguments"),
-):
-    register_task(_name, _task, _args)
+for _name, _task, _args, _inputs in (
+    ("intent", f"{_T}.classification.task:ClassificationTask", None, ()),
+    ("text_classification", f"{_T}.classification.task:ClassificationTask", None, ()),
+    ("slots", f"{_T}.slots.task:SlotsTask", f"{_T}.slots.args:SlotsArguments", ()),
+    ("intent_slots", f"{_T}.slots.task:IntentSlotsTask", f"{_T}.slots.args:SlotsArguments", ()),
+    ("rerank", f"{_T}.ranking.rerank:RerankTask", f"{_T}.ranking.args:RankingArguments",
+     f"{_T}.ranking.args:RERANK_INPUTS"),
+    ("retrieval", f"{_T}.ranking.retrieval:RetrievalTask", f"{_T}.ranking.args:RankingArguments",
+     f"{_T}.ranking.args:RETRIEVAL_INPUTS"),
+    ("rewrite", f"{_T}.rewrite.task:RewriteTask", f"{_T}.rewrite.args:RewriteArguments", ()),
+):  # fmt: skip
+    register_task(_name, _task, _args, inputs=_inputs)

@@ -19,6 +19,7 @@ from transformers import EvalPrediction, PreTrainedModel, Trainer
 from querytune.config import ExperimentConfig
 from querytune.methods.registry import get_method
 from querytune.models import load_pretrained
+from querytune.tasks import TaskInput
 
 
 def length_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
@@ -80,8 +81,9 @@ class Task(ABC):
     report_columns: ClassVar[list[tuple[str, str, float]]] = []
     # A column left out where the run has a more specific metric, e.g. {"accuracy": "in_scope_accuracy"}.
     report_shadowed: ClassVar[dict[str, str]] = {}
-    # Inputs besides the queries that `predict` takes (`--candidates`, `--catalogue`, a request's "candidates").
-    request_inputs: ClassVar[tuple[str, ...]] = ()
+    # Inputs besides the queries that `predict` takes: the `querytune predict` flags and `POST /predict` fields are
+    # generated from them (rerank's candidates, retrieval's catalogue). Give the same tuple to `register_task`.
+    request_inputs: ClassVar[tuple[TaskInput, ...]] = ()
     default_top_k: ClassVar[int] = 3  # `predict` without --top_k
     # Knowledge distillation (`distill_teacher`, querytune.distill): the output whose teacher logits the student
     # learns from (a name of `verification_outputs`), or None where the task does not support it.
@@ -187,6 +189,15 @@ class Task(ABC):
         return result.metrics
 
     # --- a loaded run
+    def logits(self, run, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64) -> Any:
+        """One row of class scores per query (or text pair), for tasks whose model answers with one (a teacher's
+        logits, `LoadedRun.logits`)."""
+        raise NotImplementedError(f"a {self.config.data.task} run gives no per-query logits")
+
+    def metadata(self) -> dict[str, Any]:
+        """What `GET /metadata` says about a loaded run of this task besides its labels (the joint task's intents)."""
+        return {}
+
     @abstractmethod
     def predict(self, run, texts: list[str], top_k: int = 3, batch_size: int = 64, **inputs) -> list[dict[str, Any]]:
         """One JSON-ready result per query (`querytune predict`); `inputs` are the task's `request_inputs`."""

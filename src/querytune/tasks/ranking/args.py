@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from querytune.tasks import TaskInput
+
 RANKING_TASKS = ("rerank", "retrieval")
 RERANK_OBJECTIVES = ("regression", "binary", "graded", "listwise")
 FIRST_STAGES = ("bm25", "judged", "dense", "hybrid")
@@ -227,3 +229,10 @@ class RankingArguments:
         if data.task in RANKING_TASKS and (data.max_train_samples or data.max_eval_samples):
             raise ValueError(f"task {data.task!r} samples whole queries: use max_train_queries / max_eval_queries, "
                              "not max_train_samples / max_eval_samples")  # fmt: skip
+
+
+# What the ranking tasks' predict takes besides the queries (`querytune predict` flags, `POST /predict` fields).
+CANDIDATES = TaskInput("candidates", "rerank, retrieval: the documents to rank for every query", item="candidate")
+RERANK_INPUTS = (CANDIDATES,)
+RETRIEVAL_INPUTS = (CANDIDATES, TaskInput("catalogue", "retrieval: a catalogue file to search (default: the run's "
+                                          "dataset)", kind="path"))  # fmt: skip

@@ -27,6 +27,7 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 
 from querytune.data import DataError
 from querytune.metrics import load_metric
+from querytune.tasks.ranking.args import RERANK_INPUTS
 from querytune.tasks.ranking.common import RankingTask, encode_pairs, ranking_metrics, score_pairs, write_rankings
 from querytune.tasks.ranking.data import COLUMNS, first_query_texts, load_ranking_data, qrels
 from querytune.tasks.ranking.fusion import choose_fusion, fuse, save_fusion
@@ -147,7 +148,7 @@ class RerankTask(RankingTask):
     trainer_class = RerankTrainer
     pipeline_tag = "text-ranking"
     card_tags = ("cross-encoder", "reranking")
-    request_inputs = ("candidates",)
+    request_inputs = RERANK_INPUTS
     default_top_k = 0  # every candidate, ranked
     verification_grouped = True  # compare the best document of each query
 

@@ -37,6 +37,7 @@ from transformers import AutoModel, EvalPrediction, Trainer
 from querytune.data import DataError
 from querytune.progress import progress
 from querytune.tasks.base import length_batches
+from querytune.tasks.ranking.args import RETRIEVAL_INPUTS
 from querytune.tasks.ranking.common import RankingTask, model_fingerprint, ranking_metrics, write_rankings
 from querytune.tasks.ranking.data import first_query_texts, qrels
 from querytune.tasks.ranking.fusion import FUSION_FILE, choose_fusion, fuse, load_fusion, save_fusion
@@ -234,7 +235,7 @@ class RetrievalTask(RankingTask):
     trainer_class = RetrievalTrainer
     pipeline_tag = "sentence-similarity"
     card_tags = ("bi-encoder", "retrieval", "feature-extraction")
-    request_inputs = ("candidates", "catalogue")
+    request_inputs = RETRIEVAL_INPUTS
     default_top_k = 10
 
     def __init__(self, config) -> None:

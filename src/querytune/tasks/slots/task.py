@@ -139,6 +139,9 @@ class SlotsTask(Task):
             info["oos_detector"] = {**self.oos.to_dict(), "oos_label": self.config.data.oos_label}
         return info
 
+    def metadata(self) -> dict[str, Any]:
+        return {"intents": self.intents} if self.intents is not None else {}
+
     def set_label_info(self, info: dict[str, Any]) -> None:
         self.labels = list(info["labels"])
         self.intents = list(info["intents"]) if self.with_intent else None
