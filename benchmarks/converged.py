@@ -99,8 +99,8 @@ def oos_rows(run_dir: Path) -> list[dict[str, Any]]:
     import numpy as np
 
     from querytune.inference import LoadedRun
-    from querytune.tasks.classification import oos
     from querytune.tasks.classification.data import load_eval_split
+    from querytune.tasks.shared import oos
 
     loaded = LoadedRun(run_dir, device="cpu")
     task, data = loaded.task, loaded.config.data

@@ -141,7 +141,7 @@ def setfit_worker(size: int, seed: int, out: Path) -> None:
     from querytune.config import load_config
     from querytune.models import resolve_model_path
     from querytune.tasks import get_task
-    from querytune.tasks.classification import oos
+    from querytune.tasks.shared import oos
 
     torch.set_num_threads(2)
     config = load_config(EXP / "intent" / "clinc150-fewshot.yaml",

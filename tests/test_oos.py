@@ -10,7 +10,7 @@ import pytest
 from scipy.special import logsumexp, softmax
 from sklearn.metrics import roc_auc_score
 
-from querytune.tasks.classification import oos
+from querytune.tasks.shared import oos
 
 from .conftest import make_rows, tiny_experiment, write_jsonl
 

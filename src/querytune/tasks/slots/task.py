@@ -28,8 +28,9 @@ from querytune.methods.registry import get_method
 from querytune.metrics import load_metric
 from querytune.progress import progress
 from querytune.tasks.base import Task, length_batches
-from querytune.tasks.classification import oos
-from querytune.tasks.classification.task import UnseenLabelsTrainer, most_confused_pairs, trainer_class_for
+from querytune.tasks.shared import oos
+from querytune.tasks.shared.reports import most_confused_pairs
+from querytune.tasks.shared.trainers import UnseenLabelsTrainer, trainer_class_for
 from querytune.tasks.slots.args import SlotsArguments
 from querytune.tasks.slots.bio import (
     IGNORE_INDEX,
@@ -149,7 +150,7 @@ class SlotsTask(Task):
         detector.pop("oos_label", None)
         self.oos = oos.OosDetector.from_dict(detector) if detector else None
 
-    # --- the intent head's out-of-scope detection (joint task; see querytune.tasks.classification.oos)
+    # --- the intent head's out-of-scope detection (joint task; see querytune.tasks.shared.oos)
     @property
     def intent_oos_id(self) -> int | None:
         oos_label = self.config.data.oos_label
