@@ -407,14 +407,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def train_help() -> int:
     """`querytune train --help`: every experiment key with its help (costs the import of TrainingArguments)."""
-    from querytune.config import _RaisingParser, sections
+    from querytune.config import RaisingParser, sections
 
     print("usage: querytune train EXPERIMENT.yaml [--key value ...]\n"
           "       querytune train --config EXPERIMENT.yaml [--key value ...]\n"
           "       accelerate launch [accelerate options] -m querytune.train EXPERIMENT.yaml [--key value ...]\n\n"
           "Every key of an experiment file is also a flag; flags override the file, `--key null` sets None.\n"
           "`--method X` drops the file's options for another method (with a notice).\n")  # fmt: skip
-    _RaisingParser(sections(), prog="querytune train", usage=argparse.SUPPRESS).print_help()
+    RaisingParser(sections(), prog="querytune train", usage=argparse.SUPPRESS).print_help()
     return 0
 
 
