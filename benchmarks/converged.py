@@ -119,14 +119,17 @@ def oos_rows(run_dir: Path) -> list[dict[str, Any]]:
                 {"detector": detector, "rule": rule, "val": det.chosen_on, **task.scored(test_logits, test_gold)}
             )
             task.oos = None
-    configured = (data.oos_detector, data.oos_threshold_rule, data.oos_max_in_scope_drop, data.oos_in_scope_recall)
-    if data.oos_detector not in (None, "none") and configured[2:] != (0.3, 0.95):  # the file's own, if not above
-        det = oos.choose_threshold(val_logits, val_gold, data.oos_detector, task.oos_id, data.oos_threshold_rule,
-                                   data.oos_max_in_scope_drop, data.oos_in_scope_recall)  # fmt: skip
+    detection = loaded.config.section("oos")
+    configured = (detection.oos_detector, detection.oos_threshold_rule, detection.oos_max_in_scope_drop,
+                  detection.oos_in_scope_recall)  # fmt: skip
+    if configured[0] not in (None, "none") and configured[2:] != (0.3, 0.95):  # the file's own, if not above
+        det = oos.choose_threshold(val_logits, val_gold, *configured[:1], task.oos_id, *configured[1:])
         task.oos = det
-        setting = {"in_scope_drop": data.oos_max_in_scope_drop, "in_scope_recall": data.oos_in_scope_recall}
-        rule = f"{data.oos_threshold_rule} {setting.get(data.oos_threshold_rule, '')} (the experiment file's)"
-        rows.append({"detector": data.oos_detector, "rule": rule, "val": det.chosen_on,
+        setting = {"in_scope_drop": detection.oos_max_in_scope_drop, "in_scope_recall": detection.oos_in_scope_recall}
+        rule = (
+            f"{detection.oos_threshold_rule} {setting.get(detection.oos_threshold_rule, '')} (the experiment file's)"
+        )
+        rows.append({"detector": detection.oos_detector, "rule": rule, "val": det.chosen_on,
                      **task.scored(test_logits, test_gold)})  # fmt: skip
         task.oos = None
     return rows

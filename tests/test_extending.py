@@ -191,3 +191,58 @@ def test_no_import_cycles():
 
     cycles = [c for name in graph if (c := cycle_from(name))]
     assert not cycles, f"import cycle: {' -> '.join(cycles[0])}"
+
+
+# --- a toy method with an option of its own: BitFit that may also train the LayerNorms
+@dataclass
+class BitFitArguments:
+    bitfit_layernorm: bool | None = field(default=None, metadata={"help": "bitfit: train LayerNorms too."})
+
+
+def build_bitfit_ln(model, args, ctx):
+    for name, param in model.named_parameters():
+        param.requires_grad = (name.endswith(".bias") or (bool(args.bitfit_layernorm) and "LayerNorm" in name)
+                               or any(name.startswith(m + ".") for m in ctx.new_modules))  # fmt: skip
+    return model
+
+
+@pytest.fixture
+def toy_method_with_options():
+    register_method(MethodSpec("bitfit", build_bitfit_ln, "bias terms (+ LayerNorms) + head", BitFitArguments,
+                               peft=False))  # fmt: skip
+    yield
+    unregister_method("bitfit")
+
+
+def test_a_toy_method_with_an_option_of_its_own(tmp_path, tiny_bert, tiny_data, toy_method_with_options):
+    """The method's file is all it takes: its option is a key, checked like any other, saved, and read back."""
+    from querytune.config import ConfigError, load_config
+    from querytune.train import run
+
+    exp = tiny_experiment(tmp_path, tiny_bert, tiny_data, method="bitfit", bitfit_layernorm=True, max_steps=3)
+    config = load_config(exp)
+    assert config.method.bitfit_layernorm is True and config.method.lora_r is None
+    with pytest.raises(ConfigError, match="bitfit_layernorm is set but method is 'lora'"):
+        load_config(exp, ["--method", "lora", "--bitfit_layernorm", "false"])
+    with pytest.raises(ConfigError, match="bad value for key 'bitfit_layernorm'"):
+        load_config(exp, ["--bitfit_layernorm", "maybe"])
+    result = run(config)
+    trained = {n for n, p in result.model.named_parameters() if p.requires_grad}
+    assert any("LayerNorm" in n for n in trained) and not any(n.endswith("query.weight") for n in trained)
+    saved = load_config(result.output_dir / "querytune_config.yaml")
+    assert saved.method.bitfit_layernorm is True, "the option is saved with the run and read back"
+    assert "bitfit_layernorm: true" in (result.output_dir / "querytune_config.yaml").read_text()
+
+
+def test_contributing_lists_every_module():
+    """CONTRIBUTING.md's layout table names every module of src/querytune (and nothing that is not there)."""
+    import re
+
+    text = (REPO / "CONTRIBUTING.md").read_text()
+    listed = set()
+    for folder, modules in re.findall(r"^\| `(querytune/[^`]*)` \| ([^|]+) \|", text, flags=re.MULTILINE):
+        listed |= {f"{folder}{m}" for m in re.findall(r"`([^`]+\.py)`", modules)}
+    root = REPO / "src"
+    present = {str(p.relative_to(root)) for p in (root / "querytune").rglob("*.py") if p.name != "__init__.py"}
+    assert sorted(present - listed) == [], "modules missing from CONTRIBUTING.md's layout"
+    assert sorted(listed - present) == [], "CONTRIBUTING.md lists modules that do not exist"

@@ -94,7 +94,7 @@ def test_save_reload_identical_logits(tmp_path, tiny_models, tiny_data, arch, me
 
 def test_adalora_budget_schedule_really_runs(tmp_path, tiny_bert, tiny_data):
     """Trainer never calls update_and_allocate; our callback must, or the rank never shrinks (NOTES.md)."""
-    from querytune.methods.builders import AdaLoraBudgetCallback
+    from querytune.methods.adalora_budget import AdaLoraBudgetCallback
 
     exp = tiny_experiment(tmp_path, tiny_bert, tiny_data, method="adalora", max_steps=24, adalora_init_r=6,
                           adalora_target_r=2, adalora_tinit=4, adalora_tfinal=6, adalora_delta_t=2,

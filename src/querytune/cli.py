@@ -179,7 +179,7 @@ def _evaluate(args: argparse.Namespace, overrides: list[str]) -> dict:
     from querytune.config import DataArguments, check_split_name, load_config
     from querytune.inference import LoadedRun
     from querytune.runs import write_json_atomic
-    from querytune.tasks import arguments_of
+    from querytune.tasks import sections_of
 
     try:  # the split names a folder under the run directory: a plain name only (`--split ../x` is refused)
         check_split_name(args.split, "--split")
@@ -187,8 +187,8 @@ def _evaluate(args: argparse.Namespace, overrides: list[str]) -> dict:
         raise ConfigError(f"command line: {err}") from None
     loaded = LoadedRun(args.run_dir, merge=not args.no_merge, trust_remote_code=args.trust_remote_code,
                        allow_status=args.allow_status)  # fmt: skip
-    task_args = arguments_of(loaded.config.data.task)
-    data_keys = {f.name for cls in (DataArguments, task_args) if cls for f in dataclasses.fields(cls)}
+    sections = (DataArguments, *sections_of(loaded.config.data.task))
+    data_keys = {f.name for cls in sections for f in dataclasses.fields(cls)}
     for tok in overrides:
         key = tok[2:].split("=")[0] if tok.startswith("--") else None
         if key is not None and key not in data_keys:

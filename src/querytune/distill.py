@@ -174,7 +174,7 @@ class DistillationTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def trainer_kwargs(model_args: Any, logits_key: str = "logits", labels_key: str = "labels") -> dict[str, Any]:
-    """`DistillationTrainer`'s own keyword arguments, from `ModelArguments`."""
-    return {"distill_temperature": model_args.distill_temperature, "distill_alpha": model_args.distill_alpha,
+def trainer_kwargs(distill_args: Any, logits_key: str = "logits", labels_key: str = "labels") -> dict[str, Any]:
+    """`DistillationTrainer`'s own keyword arguments, from the config's `DistillArguments`."""
+    return {"distill_temperature": distill_args.distill_temperature, "distill_alpha": distill_args.distill_alpha,
             "logits_key": logits_key, "labels_key": labels_key}  # fmt: skip

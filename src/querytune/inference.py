@@ -146,9 +146,7 @@ class LoadedRun:
 
     def count_truncated(self, texts: list[str]) -> int:
         """How many queries are longer than the run's max_seq_length in tokens (their end is cut when scored)."""
-        limit = self.config.model.max_seq_length
-        if self.tokenizer.model_max_length and self.tokenizer.model_max_length < limit:
-            limit = self.tokenizer.model_max_length
+        limit = self.config.model.max_length(self.tokenizer)
         lengths = self.tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]
         return sum(len(ids) > limit for ids in lengths)
 

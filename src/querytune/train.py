@@ -158,13 +158,41 @@ def run(config: ExperimentConfig, callbacks: list[TrainerCallback] | None = None
 
     A callback whose `pruned` attribute is true after training (a sweep's pruner) marks the run `pruned`.
     """
-    args = config.training
     setup_logging(config)
     started = time.time()
+    out, resume = prepare_run(config)
+    data = load_data(config, out)
+    schedule = plan_schedule(config, len(data.encoded["train"]))
+    model, trainable, total = build_model(config, data.task, schedule.steps)
+    trainer, callbacks, wandb_run, hub = make_trainer(config, data, model, resume, callbacks)
+    metrics, status = train_and_evaluate(trainer, callbacks, wandb_run, resume, data, schedule, out)
+    finish_run(config, data, trainer, metrics, status, wandb_run, hub, out, (trainable, total), started)
+    return RunResult(metrics=metrics, model=trainer.model, tokenizer=data.tokenizer, trainer=trainer, output_dir=out,
+                     status=status)  # fmt: skip
+
+
+@dataclass
+class RunData:
+    """The task, its tokenizer, the tokenised splits and what augmentation did (`augment_*` counts)."""
+
+    task: Any
+    tokenizer: Any
+    encoded: Any
+    augment_counts: dict[str, Any]
+
+
+@dataclass
+class Schedule:
+    steps: int  # optimizer steps the run makes
+    epochs: float
+
+
+def prepare_run(config: ExperimentConfig) -> tuple[Path, str | None]:
+    """The run directory (its resolved config written first, so that a run killed at any point can be resumed) and
+    the checkpoint to resume from: `last` is the newest checkpoint holding every file Trainer and the method write."""
+    args = config.training
     args.output_dir = sweep_output_dir(args.output_dir)
     out = Path(args.output_dir)
-
-    # --- run directory and resume
     resume = args.resume_from_checkpoint
     if resume == "last" and last_complete_checkpoint(out) is None:
         raise RunError(f"--resume_from_checkpoint last: no complete checkpoint-* folder in {out}")
@@ -172,12 +200,22 @@ def run(config: ExperimentConfig, callbacks: list[TrainerCallback] | None = None
         raise RunError(f"--resume_from_checkpoint: checkpoint folder not found: {resume}")
     if args.should_save:
         prepare_output_dir(out, resume=resume is not None, overwrite=args.overwrite_output_dir)
-        # Written before anything else, so that the resume hint works for a run killed at any point.
         config.save(out / CONFIG_FILE)
     set_seed(args.seed)
     check_distributed(config)
+    if resume == "last":
+        found = last_complete_checkpoint(out, get_method(config.method.method).checkpoint_files)
+        if found is None:
+            raise RunError(f"--resume_from_checkpoint last: no complete checkpoint-* folder in {out}")
+        resume = str(found)
+        logger.info("resuming from %s", resume)
+    return out, resume
 
-    # --- data
+
+def load_data(config: ExperimentConfig, out: Path) -> RunData:
+    """The task's splits, the train split augmented (`augment`), tokenised; the main process first (it fills the
+    caches the others read)."""
+    args = config.training
     task = get_task(config.data.task)(config)
     with args.main_process_first(desc="loading and tokenising data"):
         splits = task.load_data()
@@ -189,19 +227,29 @@ def run(config: ExperimentConfig, callbacks: list[TrainerCallback] | None = None
         )
         encoded = task.tokenize(splits, tokenizer)
     logger.info("splits: %s; %d labels", {k: len(v) for k, v in encoded.items()}, len(task.labels))
+    return RunData(task, tokenizer, encoded, augment_counts)
 
-    # --- model and method
+
+def plan_schedule(config: ExperimentConfig, train_rows: int) -> Schedule:
+    """The optimizer steps of the run; `min_train_steps` raises the epochs of a small train set to reach it."""
+    args = config.training
     steps_per_epoch = math.ceil(
-        len(encoded["train"]) / (args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps)
+        train_rows / (args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps)
     )
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.num_train_epochs)
-    check_steps(total_steps, len(encoded["train"]), config)
+    check_steps(total_steps, train_rows, config)
     if args.max_steps <= 0 and args.min_train_steps and total_steps < args.min_train_steps:
         epochs = math.ceil(args.min_train_steps / steps_per_epoch)
         logger.info("min_train_steps %d: %d train rows make %d steps in %g epochs; training %d epochs (%d steps)",
-                    args.min_train_steps, len(encoded["train"]), total_steps, args.num_train_epochs, epochs,
+                    args.min_train_steps, train_rows, total_steps, args.num_train_epochs, epochs,
                     epochs * steps_per_epoch)  # fmt: skip
         args.num_train_epochs, total_steps = epochs, epochs * steps_per_epoch
+    return Schedule(total_steps, args.num_train_epochs)
+
+
+def build_model(config: ExperimentConfig, task: Any, total_steps: int) -> tuple[Any, int, int]:
+    """The task's model made trainable by the method; with its trainable and total parameter counts."""
+    args = config.training
     model, new_modules = task.load_model()
     # These models return a per-process mean loss although their forward takes **kwargs; without this Trainer
     # rescales the loss by world size and accumulation steps (see NOTES.md).
@@ -218,44 +266,43 @@ def run(config: ExperimentConfig, callbacks: list[TrainerCallback] | None = None
                 f"{total:,}", 100 * trainable / total)  # fmt: skip
     if args.gradient_checkpointing and not get_method(config.method.method).gradient_checkpointing:
         raise ValueError(f"gradient_checkpointing does not work with method {config.method.method!r} (see NOTES.md)")
+    return model, trainable, total
 
-    # --- trainer
+
+def make_trainer(config: ExperimentConfig, data: RunData, model: Any, resume: str | None,
+                 extra: list[TrainerCallback] | None) -> tuple[Trainer, list[TrainerCallback], Any, tuple]:  # fmt: skip
+    """The task's Trainer with querytune's callbacks (throughput, the method's, early stopping, the caller's), the
+    run's W&B run, and the Hub push asked for (push, token), which Trainer itself must not make."""
+    args, task = config.training, data.task
     if args.metric_for_best_model is None and args.load_best_model_at_end:
         args.metric_for_best_model = task.default_metric
         args.greater_is_better = True
-    throughput = ThroughputCallback()
-    method_cbs = method_callbacks(model, config.method)
-    callbacks = [throughput, *method_cbs, *(callbacks or [])]
+    callbacks = [ThroughputCallback(), *method_callbacks(model, config.method, resume), *(extra or [])]
     if args.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
-    if resume == "last":  # the newest checkpoint holding everything Trainer and the method's callbacks wrote
-        needed = tuple(f for cb in method_cbs for f in getattr(cb, "checkpoint_files", ()))
-        resume = last_complete_checkpoint(out, needed)
-        if resume is None:
-            raise RunError(f"--resume_from_checkpoint last: no complete checkpoint-* folder in {out}")
-        resume = str(resume)
-        logger.info("resuming from %s", resume)
-    for cb in method_cbs:
-        if hasattr(cb, "resume_from"):
-            cb.resume_from = resume
     # querytune pushes the finished run itself (card, label map, no checkpoints); Trainer must not push, and the
     # token must not reach training_args.bin, which Trainer pickles into every checkpoint.
-    push, hub_token = args.push_to_hub, args.hub_token
+    hub = (args.push_to_hub, args.hub_token)
     args.push_to_hub, args.hub_token = False, None
     wandb_run = tracking.start_run(config)
     trainer = task.trainer_class(
         model=model,
         args=args,
-        train_dataset=encoded["train"],
-        eval_dataset=encoded["validation"],
-        processing_class=tokenizer,
-        data_collator=task.collator(tokenizer),
+        train_dataset=data.encoded["train"],
+        eval_dataset=data.encoded["validation"],
+        processing_class=data.tokenizer,
+        data_collator=task.collator(data.tokenizer),
         compute_metrics=task.compute_metrics,
         callbacks=callbacks,
-        **task.trainer_kwargs(tokenizer),
+        **task.trainer_kwargs(data.tokenizer),
     )
+    return trainer, callbacks, wandb_run, hub
 
-    # --- train
+
+def train_and_evaluate(trainer: Trainer, callbacks: list, wandb_run: Any, resume: str | None, data: RunData,
+                       schedule: Schedule, out: Path) -> tuple[dict[str, Any], str]:  # fmt: skip
+    """Train (from `resume`), then score validation (choosing what the task chooses there) and test."""
+    args = trainer.args
     try:
         train_result = trainer.train(resume_from_checkpoint=resume)
     except BaseException:
@@ -265,19 +312,24 @@ def run(config: ExperimentConfig, callbacks: list[TrainerCallback] | None = None
     status = PRUNED if any(getattr(cb, "pruned", False) for cb in callbacks) else FINISHED
     metrics: dict[str, Any] = {f"train_{k}" if not k.startswith("train") else k: v
                                for k, v in train_result.metrics.items()}  # fmt: skip
+    throughput = next(cb for cb in callbacks if isinstance(cb, ThroughputCallback))
     metrics["train_step_samples_per_second"] = throughput.samples_per_second(args)
-    metrics["peak_memory_mb"], memory_kind = peak_memory_mb()
+    metrics["peak_memory_mb"] = peak_memory_mb()[0]
     metrics["world_size"] = args.world_size
-    metrics |= augment_counts | {"train_rows": len(encoded["train"]), "schedule_epochs": args.num_train_epochs,
-                                 "schedule_steps": total_steps}  # fmt: skip
-
-    # --- evaluate
+    metrics |= data.augment_counts | {"train_rows": len(data.encoded["train"]), "schedule_epochs": schedule.epochs,
+                                      "schedule_steps": schedule.steps}  # fmt: skip
     for role in ("validation", "test"):
-        if role not in encoded:
-            continue
-        metrics.update(task.evaluate_trained(trainer, encoded[role], role, out))
+        if role in data.encoded:
+            metrics.update(data.task.evaluate_trained(trainer, data.encoded[role], role, out))
+    return metrics, status
 
-    # --- save (main process only), card, W&B, Hub, marker last
+
+def finish_run(config: ExperimentConfig, data: RunData, trainer: Trainer, metrics: dict[str, Any],
+               status: str, wandb_run: Any, hub: tuple, out: Path, params: tuple[int, int], started: float) -> None:  # fmt: skip
+    """Save the model (main process only), label map, metrics and card; finish W&B; push; the marker last."""
+    args, task, tokenizer = config.training, data.task, data.tokenizer
+    (push, hub_token), (trainable, total) = hub, params
+    augment_counts = data.augment_counts
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(args.output_dir)
@@ -304,7 +356,7 @@ def run(config: ExperimentConfig, callbacks: list[TrainerCallback] | None = None
             "trainable_percent": 100 * trainable / total,
             "train_runtime_s": metrics.get("train_runtime", 0.0),
             "train_samples_per_second": metrics["train_step_samples_per_second"],
-            "peak_memory_kind": memory_kind,
+            "peak_memory_kind": peak_memory_mb()[1],
             "global_step": trainer.state.global_step,
             "wall_time_s": time.time() - started,
             "weights": [p.name for p in weights],
@@ -314,14 +366,12 @@ def run(config: ExperimentConfig, callbacks: list[TrainerCallback] | None = None
             info["training_data"] = {"max_train_samples_per_label": config.data.max_train_samples_per_label,
                                      "augment": config.augment.augment, **augment_counts}  # fmt: skip
         write_model_card(out, info)
-        hub = {"repo_id": args.hub_model_id or out.name, "token": hub_token, "private": args.hub_private_repo}
-        failures = finish_after_training(wandb_run, metrics, out, info, status, hub if push else None)
+        target = {"repo_id": args.hub_model_id or out.name, "token": hub_token, "private": args.hub_private_repo}
+        failures = finish_after_training(wandb_run, metrics, out, info, status, target if push else None)
         mark_run(out, info, FAILED_AFTER_TRAINING if failures else status, failures)
         if failures:
             raise after_training_error(out, failures)
         logger.info("%s run in %s: %s", status, out, json.dumps(info["metrics"]))
-    return RunResult(metrics=metrics, model=trainer.model, tokenizer=tokenizer, trainer=trainer, output_dir=out,
-                     status=status)  # fmt: skip
 
 
 def save_portable_adapter_files(model: Any, out: Path, config: ExperimentConfig) -> None:

@@ -29,7 +29,8 @@ from querytune.config.schema import (
     sections,
 )
 from querytune.errors import ConfigError
-from querytune.methods.registry import MethodArguments, get_method, method_names, option_owners
+from querytune.methods.registry import MethodArguments, check_supports, get_method, method_names, option_owners
+from querytune.methods.registry import option_classes as method_option_classes
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +223,9 @@ def _unparsed_argument(rest: list[str], known: dict[str, Any]) -> ConfigError:
     return ConfigError(f"command line: unexpected argument {tok!r}: flags are --key value, after the experiment file")
 
 
-_METHOD_OPTIONS = frozenset(f.name for f in dataclasses.fields(MethodArguments)) - {"method", "modules_to_save"}
+def _method_options() -> frozenset[str]:
+    """Every registered method's own option keys."""
+    return frozenset(f.name for cls in method_option_classes() for f in dataclasses.fields(cls))
 
 
 def _switch_method(file_values: dict[str, Any], source: str, overrides: list[str], cli_set: set[str]) -> None:
@@ -233,12 +236,12 @@ def _switch_method(file_values: dict[str, Any], source: str, overrides: list[str
     if method not in method_names():
         return  # the parser names the bad method
     owned = set(get_method(method).options)
-    wrong = sorted(k for k in cli_set if k in _METHOD_OPTIONS and k not in owned)
+    wrong = sorted(k for k in cli_set if k in _method_options() and k not in owned)
     if wrong:
         owners = ", ".join(option_owners(wrong[0])) or "no method"
         raise ConfigError(f"command line: {wrong[0]} is set but method is {method!r} ({wrong[0]} is for {owners})")
     if cli_method is not None:
-        dropped = [k for k in file_values if k in _METHOD_OPTIONS and k not in owned and k not in cli_set]
+        dropped = [k for k in file_values if k in _method_options() and k not in owned and k not in cli_set]
         named = [k for k in dropped if file_values[k] is not None]
         for key in dropped:
             del file_values[key]
@@ -334,9 +337,10 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         raise ConfigError(f"{source}: {err}") from None
     if rest:
         raise _unparsed_argument(rest, known)
-    model, data, method, augment, *rest, training = parsed
-    n_augmenter = len(augmenter_option_classes())
-    augmenter_parts, task_parts = rest[:n_augmenter], rest[n_augmenter:]
+    model, data, method, *rest, training = parsed
+    n_method, n_augmenter = len(method_option_classes()), len(augmenter_option_classes())
+    method_parts, (augment, *rest) = rest[:n_method], rest[n_method:]
+    augmenter_parts, (distill, *task_parts) = rest[:n_augmenter], rest[n_augmenter:]
 
     for key in nulls:  # `key: null` / `--key null` means None, not "keep the default"
         if key not in known:
@@ -347,16 +351,14 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             if key in {f.name for f in dataclasses.fields(section)}:
                 setattr(section, key, None)
     try:
-        for section in (model, data, method, augment, *augmenter_parts, *task_parts):
+        for section in (model, data, *method_parts, augment, *augmenter_parts, distill, *task_parts):
             if hasattr(section, "__post_init__"):
                 section.__post_init__()
+        method.set_sections(method_parts)  # and checks that no option of another method is set
         for part in task_parts:  # rules across sections (e.g. a slot option set for another task)
             if hasattr(part, "check"):
                 part.check(data)
-        method_spec = get_method(method.method)
-        if not method_spec.supports(data.task):
-            raise ValueError(f"method {method.method!r} does not support task {data.task!r} (it supports "
-                             f"{sorted(method_spec.tasks or [])})")  # fmt: skip
+        check_supports(method.method, data.task)
     except ValueError as err:
         raise ConfigError(f"{source}: {err}") from None
 
@@ -366,4 +368,5 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         training.run_name = Path(path).stem if path is not None else None
     return ExperimentConfig(model=model, data=data, method=method, training=training, source=source,
                             task_sections={type(part): part for part in task_parts}, augment=augment,
-                            augmenter_sections={type(part): part for part in augmenter_parts})  # fmt: skip
+                            augmenter_sections={type(part): part for part in augmenter_parts},
+                            distill=distill)  # fmt: skip

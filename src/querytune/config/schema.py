@@ -11,22 +11,23 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 from transformers import Seq2SeqTrainingArguments
 
 from querytune.augment import option_classes as augmenter_option_classes
 from querytune.augment.args import AugmentArguments
-from querytune.methods.registry import MethodArguments
-from querytune.tasks import argument_classes, arguments_of, task_names
+from querytune.methods.registry import MethodArguments, get_method
+from querytune.methods.registry import option_classes as method_option_classes
+from querytune.tasks import argument_classes, arguments_of, sections_of, task_names
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class ModelArguments:
-    """Which pretrained model to start from."""
+    """Which pretrained model to start from, and how queries are fed to it."""
 
     model_name_or_path: str = field(
         default="all-MiniLM-L6-v2",
@@ -41,7 +42,40 @@ class ModelArguments:
     max_seq_length: int = field(
         default=128, metadata={"help": "Queries longer than this (in tokens) are truncated; no padding to it."}
     )
-    # Knowledge distillation and smaller students (querytune.distill).
+    pad_to_max_length: bool = field(
+        default=False,
+        metadata={"help": "Pad every query to max_seq_length like the HF example scripts (slow; for benchmarks)."},
+    )
+    student_layers: list[int] | None = field(
+        default=None,
+        metadata={"help": "Keep only these encoder layers (0-based, increasing) of model_name_or_path, e.g. "
+                  "[0, 2, 4] of a 6-layer teacher (set model_name_or_path to the teacher run)."},
+    )  # fmt: skip
+
+    def max_length(self, tokenizer: Any) -> int:
+        """`max_seq_length` capped at what the tokenizer's model takes (`model_max_length`): every path that
+        tokenises queries or documents truncates at this."""
+        limit = getattr(tokenizer, "model_max_length", None)
+        return min(self.max_seq_length, limit) if limit else self.max_seq_length
+
+    def __post_init__(self) -> None:
+        if self.max_seq_length < 8:
+            raise ValueError(f"max_seq_length must be >= 8, got {self.max_seq_length}")
+        if self.student_layers is not None:
+            layers = list(self.student_layers)
+            if not layers or any(i < 0 for i in layers) or layers != sorted(set(layers)):
+                raise ValueError(
+                    f"student_layers must be distinct layer indices >= 0 in increasing order, got {layers}"
+                )
+
+
+@dataclass
+class DistillArguments:
+    """Knowledge distillation from a finished run (`querytune.distill`); `student_layers` (a model key) makes the
+    smaller student."""
+
+    section: ClassVar[str] = "distill"
+
     distill_teacher: str | None = field(
         default=None,
         metadata={"help": "A finished run or export (same task and labels) whose logits the model learns from as "
@@ -55,25 +89,12 @@ class ModelArguments:
         metadata={"help": "Weight of the teacher's term: (1 - alpha) * CE(labels) + alpha * T^2 * KL(teacher || "
                   "student)."},
     )  # fmt: skip
-    student_layers: list[int] | None = field(
-        default=None,
-        metadata={"help": "Keep only these encoder layers (0-based, increasing) of model_name_or_path, e.g. "
-                  "[0, 2, 4] of a 6-layer teacher (set model_name_or_path to the teacher run)."},
-    )  # fmt: skip
 
     def __post_init__(self) -> None:
-        if self.max_seq_length < 8:
-            raise ValueError(f"max_seq_length must be >= 8, got {self.max_seq_length}")
         if not self.distill_temperature > 0:
             raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
         if not 0 <= self.distill_alpha <= 1:
             raise ValueError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
-        if self.student_layers is not None:
-            layers = list(self.student_layers)
-            if not layers or any(i < 0 for i in layers) or layers != sorted(set(layers)):
-                raise ValueError(
-                    f"student_layers must be distinct layer indices >= 0 in increasing order, got {layers}"
-                )
 
 
 @dataclass
@@ -129,31 +150,9 @@ class DataArguments:
     oos_label: str | None = field(
         default=None,
         metadata={"help": "Out-of-scope label (CLINC150: 'oos'): adds in-scope accuracy and OOS recall; with "
-                  "oos_detector, the label answered for rejected queries (it need not occur in train)."},
+                  "oos_detector (the intent tasks' option), the label answered for rejected queries (it need not "
+                  "occur in train)."},
     )  # fmt: skip
-    oos_detector: str = field(
-        default="none",
-        metadata={"help": "intent / intent_slots: out-of-scope detection. 'none' (argmax), 'msp' (max softmax "
-                  "probability), 'energy' (log-sum-exp of the logits) or 'oos_class' (1 - P(oos class)); a query "
-                  "scoring under a threshold chosen on the validation split is answered with oos_label."},
-    )  # fmt: skip
-    oos_threshold_rule: str = field(
-        default="auto",
-        metadata={"help": "How the OOS threshold is chosen on validation: 'in_scope_drop' (most OOS recall keeping "
-                  "in-scope accuracy within oos_max_in_scope_drop points), 'max_sum' (in-scope accuracy + OOS "
-                  "recall), 'in_scope_recall' (keep oos_in_scope_recall of in-scope queries; needs no OOS "
-                  "examples) or 'auto' (in_scope_drop with OOS examples in validation, else in_scope_recall)."},
-    )  # fmt: skip
-    oos_max_in_scope_drop: float = field(
-        default=0.5, metadata={"help": "in_scope_drop rule: in-scope accuracy points the threshold may cost."}
-    )
-    oos_in_scope_recall: float = field(
-        default=0.95, metadata={"help": "in_scope_recall rule: share of in-scope validation queries kept."}
-    )
-    pad_to_max_length: bool = field(
-        default=False,
-        metadata={"help": "Pad every query to max_seq_length like the HF example scripts (slow; for benchmarks)."},
-    )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
     csv_encoding: str | None = field(
         default=None,
@@ -182,21 +181,6 @@ class DataArguments:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
-        detectors, rules = (
-            ("none", "msp", "energy", "oos_class"),
-            ("auto", "in_scope_drop", "max_sum", "in_scope_recall"),
-        )
-        if self.oos_detector not in detectors:
-            raise ValueError(f"oos_detector must be one of {detectors}, got {self.oos_detector!r}")
-        if self.oos_threshold_rule not in rules:
-            raise ValueError(f"oos_threshold_rule must be one of {rules}, got {self.oos_threshold_rule!r}")
-        if self.oos_detector != "none" and not self.oos_label:
-            raise ValueError(f"oos_detector {self.oos_detector!r} needs oos_label: the label answered for rejected "
-                             "queries (e.g. oos)")  # fmt: skip
-        if not 0 <= self.oos_max_in_scope_drop <= 100:
-            raise ValueError(f"oos_max_in_scope_drop must be in [0, 100] points, got {self.oos_max_in_scope_drop}")
-        if not 0 < self.oos_in_scope_recall <= 1:
-            raise ValueError(f"oos_in_scope_recall must be in (0, 1], got {self.oos_in_scope_recall}")
         if self.unseen_labels not in UNSEEN_LABELS:
             raise ValueError(f"unseen_labels must be one of {UNSEEN_LABELS}, got {self.unseen_labels!r}")
         for name in ("train_split", "validation_split", "test_split"):
@@ -282,6 +266,7 @@ class ExperimentConfig:
     augment: AugmentArguments = field(default_factory=AugmentArguments)
     # The option dataclass of every registered augmenter, by class (`augmenter_args` gives one).
     augmenter_sections: dict[type, Any] = field(default_factory=dict)
+    distill: DistillArguments = field(default_factory=DistillArguments)
 
     def augmenter_args(self, augmenter: type) -> Any:
         """The options of one augmenter class (its defaults when the config was built in code)."""
@@ -296,16 +281,28 @@ class ExperimentConfig:
     def task_args(self) -> Any:
         """The options of this run's task (`SlotsArguments`, `RankingArguments`, ...), or None."""
         cls = arguments_of(self.data.task)
-        if cls is None:
-            return None
+        return None if cls is None else self._task_section(cls)
+
+    def _task_section(self, cls: type) -> Any:
         if cls not in self.task_sections:  # a config built in code: the task's defaults
             self.task_sections[cls] = cls()
         return self.task_sections[cls]
 
+    def section(self, name: str) -> Any:
+        """One option section of this run's task by its `section` name (the intent head's "oos")."""
+        for cls in sections_of(self.data.task):
+            if getattr(cls, "section", None) == name:
+                return self._task_section(cls)
+        raise KeyError(f"task {self.data.task!r} has no {name!r} options")
+
     def _sections(self) -> list[tuple[str, Any]]:
         sections = [("model", self.model), ("data", self.data), ("method", self.method)]
-        if self.task_args is not None:
-            sections.append((f"task: {self.data.task} ({type(self.task_args).__name__})", self.task_args))
+        spec = get_method(self.method.method)
+        for options in self.method.options_of(spec):  # the options of this run's method (the others do not apply)
+            sections.append((f"method: {spec.name} ({type(options).__name__})", options))
+        for cls in sections_of(self.data.task):
+            sections.append((f"task: {self.data.task} ({cls.__name__})", self._task_section(cls)))
+        sections.append(("distillation", self.distill))
         sections.append(("augmentation of the train split", self.augment))
         from querytune.augment import get_augmenter
 
@@ -345,8 +342,8 @@ _NOT_SAVED = {"hub_token", "local_rank"}
 
 def sections() -> tuple[type, ...]:
     """Every dataclass whose fields are experiment keys: model, data, method, each task's options, training."""
-    return (ModelArguments, DataArguments, MethodArguments, AugmentArguments, *augmenter_option_classes(),
-            *argument_classes(), QueryTrainingArguments)  # fmt: skip
+    return (ModelArguments, DataArguments, MethodArguments, *method_option_classes(), AugmentArguments,
+            *augmenter_option_classes(), DistillArguments, *argument_classes(), QueryTrainingArguments)  # fmt: skip
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -35,10 +35,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from peft import get_peft_model
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import PeftType, register_peft_method
 from torch import nn
+
+from querytune.methods.adapter import DEFAULT_TARGET_MODULES, VARIANTS
+from querytune.methods.registry import or_default
 
 __all__ = [
     "DEFAULT_EXTRA_MODULES_TO_SAVE",
@@ -56,7 +60,6 @@ __all__ = [
 PEFT_METHOD_NAME = "bottleneck"  # register_peft_method wants lower case; PeftType member is its upper case
 PEFT_TYPE_NAME = PEFT_METHOD_NAME.upper()
 
-VARIANTS: tuple[str, ...] = ("houlsby", "pfeiffer")
 # Adapters per transformer layer for each variant (used by the closed-form parameter count).
 ADAPTERS_PER_LAYER: dict[str, int] = {"houlsby": 2, "pfeiffer": 1}
 
@@ -66,20 +69,6 @@ NON_LINEARITIES: dict[str, type[nn.Module]] = {
     "swish": nn.SiLU,  # swish(x) = x * sigmoid(x) = SiLU
     "silu": nn.SiLU,
     "tanh": nn.Tanh,
-}
-
-# Default placement per `model.config.model_type` and variant, as regexes that PEFT full-matches against module
-# names. Regexes (not suffix lists) are needed because PEFT's suffix matching of "output.dense" would also hit
-# "attention.output.dense", i.e. a Pfeiffer config would silently become a Houlsby one. Module names checked against
-# transformers 5.23 (sequence and token classification heads share the encoder names):
-#   bert / roberta / deberta-v2: encoder.layer.N.attention.output.dense  and  encoder.layer.N.output.dense
-#   mpnet:                       encoder.layer.N.attention.attn.o        and  encoder.layer.N.output.dense
-_FFN_OUT = r"(.*\.)?layer\.\d+\.output\.dense"
-DEFAULT_TARGET_MODULES: dict[str, dict[str, str]] = {
-    "bert": {"houlsby": r"(.*\.)?layer\.\d+\.(attention\.output\.dense|output\.dense)", "pfeiffer": _FFN_OUT},
-    "roberta": {"houlsby": r"(.*\.)?layer\.\d+\.(attention\.output\.dense|output\.dense)", "pfeiffer": _FFN_OUT},
-    "deberta-v2": {"houlsby": r"(.*\.)?layer\.\d+\.(attention\.output\.dense|output\.dense)", "pfeiffer": _FFN_OUT},
-    "mpnet": {"houlsby": r"(.*\.)?layer\.\d+\.(attention\.attn\.o|output\.dense)", "pfeiffer": _FFN_OUT},
 }
 
 # Extra modules to train and save per (model_type, task_type). DeBERTa-v2/v3 sequence classification puts a
@@ -423,3 +412,21 @@ def _register() -> None:
 
 
 _register()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the `adapter` method's builder (its record and options: querytune.methods.adapter)
+# --------------------------------------------------------------------------------------------------------------------
+def build_adapter(model, args, ctx):
+    from querytune.methods.builders import modules_to_save
+
+    config = BottleneckConfig(
+        task_type=ctx.task_type,
+        variant=or_default(args.adapter_variant, "houlsby"),
+        reduction_factor=or_default(args.adapter_reduction_factor, 16),
+        bottleneck_size=args.adapter_bottleneck_size,
+        non_linearity=or_default(args.adapter_non_linearity, "relu"),
+        target_modules=args.adapter_target_modules,
+        modules_to_save=modules_to_save(args, ctx),
+    )
+    return get_peft_model(model, config)

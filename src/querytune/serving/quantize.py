@@ -105,7 +105,7 @@ def calibration_feeds(run: LoadedRun, texts: list[str], pairs: list[str] | None,
     """
     from querytune.batching import encoded_batches
 
-    max_len = run.config.model.max_seq_length
+    max_len = run.config.model.max_length(run.tokenizer)
     pad_to = None
     if one_shape:
         pad_to = max(len(ids) for ids in run.tokenizer(texts, pairs, truncation=True, max_length=max_len)["input_ids"])

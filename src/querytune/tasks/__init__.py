@@ -39,8 +39,9 @@ class TaskEntry:
 
     name: str
     task: str | type
-    arguments: str | type | None = None
+    arguments: str | type | tuple | None = None  # one class, or several (its own first, then shared ones)
     inputs: str | tuple | None = None
+    offers: frozenset[str] | None = None  # what methods may need of it ("encoder": an encoder with a head)
 
 
 def _resolve(target: str | type) -> Any:
@@ -54,15 +55,19 @@ _REGISTRY: dict[str, TaskEntry] = {}
 
 
 def register_task(name: str, task: str | type, arguments: str | type | None = None, replace: bool = False,
-                  inputs: str | tuple | None = None) -> None:  # fmt: skip
+                  inputs: str | tuple | None = None, offers: frozenset[str] | None = None) -> None:  # fmt: skip
     """Make `task: <name>` train with `task` (a Task subclass); `arguments` is its option dataclass, whose fields
     become flat experiment keys and flags. Defaults to the class's own `arguments` attribute. `inputs`: the
-    `TaskInput`s of its predict, where the class is given by path (so that `querytune --help` imports no task)."""
+    `TaskInput`s of its predict, where the class is given by path (so that `querytune --help` imports no task).
+    `offers`: what a method may need of the task, e.g. {"encoder"} (an encoder with a head: freezing, adapters);
+    defaults to the class's `offers` attribute."""
     if name in _REGISTRY and not replace:
         raise ValueError(f"task {name!r} is already registered")
     if arguments is None and not isinstance(task, str):
         arguments = getattr(task, "arguments", None)
-    _REGISTRY[name] = TaskEntry(name, task, arguments, inputs)
+    if offers is None and not isinstance(task, str):
+        offers = getattr(task, "offers", frozenset())
+    _REGISTRY[name] = TaskEntry(name, task, arguments, inputs, frozenset(offers or ()))
 
 
 def unregister_task(name: str) -> None:
@@ -85,9 +90,26 @@ def task_classes() -> list:
     return list(dict.fromkeys(get_task(name) for name in _REGISTRY))
 
 
+def _sections(entry: TaskEntry) -> list[type]:
+    arguments = entry.arguments if isinstance(entry.arguments, tuple) else (entry.arguments,)
+    return [_resolve(a) for a in arguments if a is not None]
+
+
 def argument_classes() -> list[type]:
     """The option dataclasses of every registered task, once each (imports only the small argument modules)."""
-    return list(dict.fromkeys(_resolve(e.arguments) for e in _REGISTRY.values() if e.arguments is not None))
+    return list(dict.fromkeys(cls for e in _REGISTRY.values() for cls in _sections(e)))
+
+
+def sections_of(name: str) -> list[type]:
+    """The option dataclasses of one task: its own first, then shared ones (the intent head's OOS options)."""
+    entry = _REGISTRY.get(name)
+    return _sections(entry) if entry is not None else []
+
+
+def offers_of(name: str) -> frozenset[str]:
+    """What a registered task offers the methods (an unknown task offers nothing)."""
+    entry = _REGISTRY.get(name)
+    return entry.offers if entry is not None else frozenset()
 
 
 def inputs_of(name: str) -> tuple[TaskInput, ...]:
@@ -108,21 +130,23 @@ def declared_inputs() -> dict[str, tuple[TaskInput, list[str]]]:
 
 
 def arguments_of(name: str) -> type | None:
-    """The option dataclass of one task, or None."""
-    entry = _REGISTRY.get(name)
-    return _resolve(entry.arguments) if entry is not None and entry.arguments is not None else None
+    """The task's own option dataclass (the first of `sections_of`), or None."""
+    found = sections_of(name)
+    return found[0] if found else None
 
 
 _T = "querytune.tasks"
-for _name, _task, _args, _inputs in (
-    ("intent", f"{_T}.classification.task:ClassificationTask", None, ()),
-    ("text_classification", f"{_T}.classification.task:ClassificationTask", None, ()),
-    ("slots", f"{_T}.slots.task:SlotsTask", f"{_T}.slots.args:SlotsArguments", ()),
-    ("intent_slots", f"{_T}.slots.task:IntentSlotsTask", f"{_T}.slots.args:SlotsArguments", ()),
+_OOS = f"{_T}.classification.args:OosArguments"  # the intent head's out-of-scope detection (intent_slots too)
+ENCODER = frozenset({"encoder"})  # an encoder with a task head: what freezing the body and bottleneck adapters need
+for _name, _task, _args, _inputs, _offers in (
+    ("intent", f"{_T}.classification.task:ClassificationTask", _OOS, (), ENCODER),
+    ("text_classification", f"{_T}.classification.task:ClassificationTask", _OOS, (), ENCODER),
+    ("slots", f"{_T}.slots.task:SlotsTask", f"{_T}.slots.args:SlotsArguments", (), ENCODER),
+    ("intent_slots", f"{_T}.slots.task:IntentSlotsTask", (f"{_T}.slots.args:SlotsArguments", _OOS), (), ENCODER),
     ("rerank", f"{_T}.ranking.rerank:RerankTask", f"{_T}.ranking.args:RankingArguments",
-     f"{_T}.ranking.args:RERANK_INPUTS"),
+     f"{_T}.ranking.args:RERANK_INPUTS", ENCODER),
     ("retrieval", f"{_T}.ranking.retrieval:RetrievalTask", f"{_T}.ranking.args:RankingArguments",
-     f"{_T}.ranking.args:RETRIEVAL_INPUTS"),
-    ("rewrite", f"{_T}.rewrite.task:RewriteTask", f"{_T}.rewrite.args:RewriteArguments", ()),
+     f"{_T}.ranking.args:RETRIEVAL_INPUTS", ENCODER),
+    ("rewrite", f"{_T}.rewrite.task:RewriteTask", f"{_T}.rewrite.args:RewriteArguments", (), frozenset({"generator"})),
 ):  # fmt: skip
-    register_task(_name, _task, _args, inputs=_inputs)
+    register_task(_name, _task, _args, inputs=_inputs, offers=_offers)

@@ -17,7 +17,7 @@ from datasets import DatasetDict
 from transformers import EvalPrediction, PreTrainedModel, Trainer
 
 from querytune.config import ExperimentConfig
-from querytune.methods.registry import get_method
+from querytune.methods.registry import check_supports
 from querytune.models import load_pretrained
 from querytune.tasks import TaskInput
 
@@ -70,6 +70,9 @@ class Task(ABC):
     default_metric: str  # the metric that decides the best checkpoint when the experiment does not say
     trainer_class: type[Trainer] = Trainer
     arguments: ClassVar[type | None] = None  # the task's own option dataclass (flat experiment keys), if any
+    # What methods may need of a task registered by class (`register_task` takes it for a class given by path):
+    # {"encoder"} is an encoder with a head, which freezing the body and bottleneck adapters need.
+    offers: ClassVar[frozenset[str]] = frozenset()
 
     # --- how other tools see a run of this task
     pipeline_tag: ClassVar[str] = "text-classification"  # the Hub card's pipeline_tag
@@ -111,13 +114,8 @@ class Task(ABC):
         self.config = config
         self.args = config.task_args  # an instance of `arguments`, or None
         self.labels: list[str] = []
-        method = get_method(config.method.method)
-        if not method.supports(config.data.task):
-            raise ValueError(
-                f"method {method.name!r} does not support task {config.data.task!r} (it supports "
-                f"{sorted(method.tasks or [])})"
-            )
-        if config.model.distill_teacher and self.distill_output is None:
+        check_supports(config.method.method, config.data.task)  # a config built in code is checked here too
+        if config.distill.distill_teacher and self.distill_output is None:
             raise ValueError(f"task {config.data.task!r} does not support distill_teacher")
         if config.model.student_layers and not self.layer_dropping:
             raise ValueError(f"task {config.data.task!r} does not support student_layers")

@@ -23,14 +23,14 @@ def _columns(data: DataArguments) -> list[str]:
     return [data.text_column, data.label_column] + ([data.text_pair_column] if data.text_pair_column else [])
 
 
-def load_classification_splits(data: DataArguments, seed: int,
-                               unseen: UnseenLabels | None = None) -> tuple[DatasetDict, list[str]]:  # fmt: skip
+def load_classification_splits(data: DataArguments, seed: int, unseen: UnseenLabels | None = None,
+                               oos_detector: str = "none") -> tuple[DatasetDict, list[str]]:  # fmt: skip
     """Train / validation / (test) splits with an integer `labels` column, and the label names.
 
     The label map comes from the whole train split, before any `max_*_samples` subsetting, so it does not depend
     on the sample size. Without a validation split, a seeded (stratified when possible) one is carved from train.
     Eval/test labels that train lacks follow `data.unseen_labels`; `unseen` (default: a new one) records what was
-    done, per split role.
+    done, per split role. `oos_label` must be a trained label unless `oos_detector` answers it without one.
     """
     unseen = unseen if unseen is not None else UnseenLabels(data.unseen_labels)
     found, wanted, source = load_splits(data)
@@ -42,10 +42,10 @@ def load_classification_splits(data: DataArguments, seed: int,
     if len(labels) < 2:
         raise DataError(f"{source}: column {data.label_column!r} has {len(labels)} distinct label(s); need >= 2")
     # Without a trained OOS class, a threshold detector (msp, energy) still answers oos_label for rejected queries.
-    if data.oos_label is not None and data.oos_label not in labels and data.oos_detector in ("none", "oos_class"):
+    if data.oos_label is not None and data.oos_label not in labels and oos_detector in ("none", "oos_class"):
         raise DataError(
             f"{source}: oos_label {data.oos_label!r} is not a label of column {data.label_column!r}"
-            f"{'' if data.oos_detector == 'none' else ' (oos_detector oos_class needs that class)'}"
+            f"{'' if oos_detector == 'none' else ' (oos_detector oos_class needs that class)'}"
         )
     for role in list(splits):
         policy = unseen if role != "train" else None  # the train split defines the labels: never dropped or kept

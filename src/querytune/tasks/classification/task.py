@@ -63,7 +63,8 @@ class ClassificationTask(Task):
     # --- data
     def load_data(self) -> DatasetDict:
         self.unseen = UnseenLabels(self.config.data.unseen_labels)
-        splits, self.labels = load_classification_splits(self.config.data, self.config.training.seed, self.unseen)
+        splits, self.labels = load_classification_splits(self.config.data, self.config.training.seed, self.unseen,
+                                                         self.config.section("oos").oos_detector)  # fmt: skip
         return splits
 
     def label_info(self) -> dict[str, Any]:
@@ -88,10 +89,8 @@ class ClassificationTask(Task):
 
     def tokenize(self, splits: DatasetDict, tokenizer) -> DatasetDict:
         """Truncate to max_seq_length and keep only model inputs; padding happens per batch in the collator."""
-        data, max_len = self.config.data, self.config.model.max_seq_length
-        padding = "max_length" if data.pad_to_max_length else False
-        if tokenizer.model_max_length and tokenizer.model_max_length < max_len:
-            max_len = tokenizer.model_max_length
+        data, max_len = self.config.data, self.config.model.max_length(tokenizer)
+        padding = "max_length" if self.config.model.pad_to_max_length else False
 
         def texts_of(batch: dict[str, list]) -> tuple[list[str], list[str] | None]:
             pair = batch[data.text_pair_column] if data.text_pair_column else None
@@ -104,9 +103,9 @@ class ClassificationTask(Task):
                 out[distill.TEACHER_COLUMN] = batch[distill.TEACHER_COLUMN]
             return out
 
-        if self.config.model.distill_teacher:  # the teacher's logits, once, as a column of the train split
+        if self.config.distill.distill_teacher:  # the teacher's logits, once, as a column of the train split
             splits = DatasetDict(splits)
-            splits["train"] = distill.add_teacher_logits(splits["train"], self.config.model.distill_teacher,
+            splits["train"] = distill.add_teacher_logits(splits["train"], self.config.distill.distill_teacher,
                                                          self.distill_output, lambda task: task.distill_labels(),
                                                          self.labels, texts_of)  # fmt: skip
 
@@ -125,10 +124,10 @@ class ClassificationTask(Task):
 
     @property
     def trainer_class(self):
-        return trainer_class_for(self.config.model)
+        return trainer_class_for(self.config.distill)
 
     def trainer_kwargs(self, tokenizer) -> dict[str, Any]:
-        return distill.trainer_kwargs(self.config.model) if self.config.model.distill_teacher else {}
+        return distill.trainer_kwargs(self.config.distill) if self.config.distill.distill_teacher else {}
 
     def collator(self, tokenizer):
         mixed = self.config.training.fp16 or self.config.training.bf16
@@ -163,11 +162,12 @@ class ClassificationTask(Task):
 
     def choose_oos_threshold(self, logits: np.ndarray, labels: np.ndarray) -> None:
         """Pick the detector's threshold on the validation split's logits (never on test)."""
-        data = self.config.data
-        if data.oos_detector == "none":
+        detection = self.config.section("oos")
+        if detection.oos_detector == "none":
             return
-        self.oos = oos.choose_threshold(logits, labels, data.oos_detector, self.oos_id, data.oos_threshold_rule,
-                                        data.oos_max_in_scope_drop, data.oos_in_scope_recall)  # fmt: skip
+        self.oos = oos.choose_threshold(logits, labels, detection.oos_detector, self.oos_id,
+                                        detection.oos_threshold_rule, detection.oos_max_in_scope_drop,
+                                        detection.oos_in_scope_recall)  # fmt: skip
         logger.info("OOS detector %s: threshold %.5g by rule %s on validation (%s)", self.oos.detector,
                     self.oos.threshold, self.oos.rule, json.dumps(self.oos.chosen_on))  # fmt: skip
 
@@ -249,7 +249,7 @@ class ClassificationTask(Task):
     def logits(self, run, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64) -> np.ndarray:
         """Logits for many queries; batches are formed by token count so little time goes to padding."""
         out: list[np.ndarray | None] = [None] * len(texts)
-        batches = encoded_batches(run.tokenizer, texts, pairs, batch_size, self.config.model.max_seq_length)
+        batches = encoded_batches(run.tokenizer, texts, pairs, batch_size, self.config.model.max_length(run.tokenizer))
         for idx, enc in progress(batches, "scoring queries", total=-(-len(texts) // batch_size)):
             logits = run.model(**enc.to(run.device)).logits.float().cpu().numpy()
             for row, i in enumerate(idx):

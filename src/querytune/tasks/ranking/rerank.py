@@ -186,7 +186,7 @@ class RerankTask(RankingTask):
         return DatasetDict(out)
 
     def tokenize(self, splits: DatasetDict, tokenizer) -> DatasetDict:
-        max_len = min(self.config.model.max_seq_length, tokenizer.model_max_length or 10**6)
+        max_len = self.config.model.max_length(tokenizer)
         splits = self.with_negatives(splits)
 
         def encode(batch: dict[str, list]) -> dict[str, list]:
@@ -294,7 +294,7 @@ class RerankTask(RankingTask):
             candidates = {q: [d for d, _ in h] for q, h in first.items()}
         pairs = [(q, d) for q, docs in candidates.items() for d in docs]
         scores = score_pairs(model, tokenizer, [queries[q] for q, _ in pairs], [catalogue.get(d, d) for _, d in pairs],
-                             self.config.model.max_seq_length, batch_size)  # fmt: skip
+                             self.config.model.max_length(tokenizer), batch_size)  # fmt: skip
         runs: dict[str, list[tuple[str, float]]] = {q: [] for q in judged}
         for (q, d), s in zip(pairs, scores, strict=True):
             runs[q].append((d, float(s)))
@@ -358,7 +358,7 @@ class RerankTask(RankingTask):
         for query, found in zip(queries, hits, strict=True):
             docs = [d for d, _ in found]
             scores = score_pairs(run.model, run.tokenizer, [query] * len(docs), [catalogue[d] for d in docs],
-                                 self.config.model.max_seq_length, batch_size) if docs else np.zeros(0)  # fmt: skip
+                                 self.config.model.max_length(run.tokenizer), batch_size) if docs else np.zeros(0)  # fmt: skip
             order = np.argsort(-scores, kind="stable")[: max(1, top_k)]
             results.append({"query": query, "mode": f"{self.args.rerank_first_stage} + rerank",
                             "hits": [{"rank": r + 1, "id": docs[i], "title": catalogue[docs[i]],
@@ -373,7 +373,7 @@ class RerankTask(RankingTask):
         results = []
         for query in texts:
             scores = score_pairs(run.model, run.tokenizer, [query] * len(candidates), candidates,
-                                 self.config.model.max_seq_length, batch_size)  # fmt: skip
+                                 self.config.model.max_length(run.tokenizer), batch_size)  # fmt: skip
             order = np.argsort(-scores, kind="stable")[: top_k if top_k > 0 else None]
             ranked = [{"rank": r + 1, "text": candidates[i], "score": round(float(scores[i]), 6)}
                       for r, i in enumerate(order)]  # fmt: skip
@@ -383,7 +383,7 @@ class RerankTask(RankingTask):
     def evaluate(self, run, split: str, out_dir: Path, batch_size: int = 64) -> dict[str, Any]:
         ds = self._eval_split(split)
         judged = qrels(ds)
-        scores = score_pairs(run.model, run.tokenizer, ds["query"], ds["document"], self.config.model.max_seq_length,
+        scores = score_pairs(run.model, run.tokenizer, ds["query"], ds["document"], self.config.model.max_length(run.tokenizer),
                              batch_size)  # fmt: skip
         ids = {q: i for i, q in enumerate(judged)}
         pointwise = self.compute_metrics(EvalPrediction(predictions=scores, label_ids=(
@@ -397,5 +397,5 @@ class RerankTask(RankingTask):
         return list(ds["query"]), list(ds["document"])
 
     def verification_outputs(self, run, texts, pairs, batch_size: int = 64) -> dict[str, Any]:
-        max_len = self.config.model.max_seq_length
+        max_len = self.config.model.max_length(run.tokenizer)
         return {"logits": score_pairs(run.model, run.tokenizer, texts, pairs, max_len, batch_size)[:, None]}

@@ -282,14 +282,14 @@ class RetrievalTask(RankingTask):
         """The model's own top k (exact search with catalogue embeddings of the current weights)."""
         catalogue = self._catalogue()
         doc_ids, texts = list(catalogue), list(catalogue.values())
-        max_len = self.config.model.max_seq_length
+        max_len = self.config.model.max_length(tokenizer)
         batch = self.config.training.per_device_eval_batch_size
         doc_emb = embed_texts(model, tokenizer, texts, max_len, batch)  # weights change: no cache
         idx, _ = top_k(embed_texts(model, tokenizer, queries, max_len, batch), doc_emb, k)
         return [[doc_ids[i] for i in row] for row in idx]
 
     def tokenize(self, splits: DatasetDict, tokenizer) -> DatasetDict:
-        max_len = min(self.config.model.max_seq_length, tokenizer.model_max_length or 10**6)
+        max_len = self.config.model.max_length(tokenizer)
         self.miner = miner = self.build_miner(splits)
 
         def encode(batch: dict[str, list]) -> dict[str, list]:
@@ -317,7 +317,7 @@ class RetrievalTask(RankingTask):
         return DatasetDict(encoded)
 
     def collator(self, tokenizer):
-        max_len = min(self.config.model.max_seq_length, tokenizer.model_max_length or 10**6)
+        max_len = self.config.model.max_length(tokenizer)
         return RetrievalCollator(tokenizer, self.miner, max_len)
 
     def compute_metrics(self, prediction: EvalPrediction) -> dict[str, float]:
@@ -341,7 +341,7 @@ class RetrievalTask(RankingTask):
         args = self.args
         doc_ids, texts = list(catalogue), list(catalogue.values())
         key = catalogue_key(model, doc_ids, texts, self.config.model.max_seq_length)
-        emb = catalogue_embeddings(model, tokenizer, doc_ids, texts, self.config.model.max_seq_length,
+        emb = catalogue_embeddings(model, tokenizer, doc_ids, texts, self.config.model.max_length(tokenizer),
                                    args.catalogue_cache_dir, batch_size, key=key)  # fmt: skip
         cache = index_cache_path(_cache_folder(args.catalogue_cache_dir), key, args.retrieval_faiss_factory)
         return emb, build_index(emb, args.retrieval_index, args.retrieval_faiss_factory, args.retrieval_faiss_params,
@@ -349,7 +349,7 @@ class RetrievalTask(RankingTask):
 
     def _dense(self, model, tokenizer, queries: list[str], doc_ids: list[str], index, k: int,
                batch_size: int) -> list[Ranked]:  # fmt: skip
-        emb = embed_texts(model, tokenizer, queries, self.config.model.max_seq_length, batch_size)
+        emb = embed_texts(model, tokenizer, queries, self.config.model.max_length(tokenizer), batch_size)
         idx, scores = index.search(emb, k)
         return [[(doc_ids[i], float(s)) for i, s in zip(row, sc, strict=True) if i >= 0]
                 for row, sc in zip(idx, scores, strict=True)]  # fmt: skip
@@ -481,7 +481,7 @@ class RetrievalTask(RankingTask):
             docs = {c: c for c in candidates} if candidates else self._catalogue(catalogue)
             index = None
             if candidates and mode != "bm25":  # a request's own few documents: embedded, never cached
-                index = ExactIndex(embed_texts(run.model, run.tokenizer, list(docs), self.config.model.max_seq_length,
+                index = ExactIndex(embed_texts(run.model, run.tokenizer, list(docs), self.config.model.max_length(run.tokenizer),
                                                batch_size))  # fmt: skip
             fusion = load_fusion(run.run_dir) if mode == "hybrid" else None
             hits = self.rank(run.model, run.tokenizer, texts, docs, k, mode, index, fusion, batch_size)[0]
@@ -528,5 +528,5 @@ class RetrievalTask(RankingTask):
         state = self.search_state(run)
         if state.embeddings is None:
             raise DataError(f"{run.run_dir}: no catalogue embeddings to verify the query encoder against")
-        emb = embed_texts(run.model, run.tokenizer, texts, self.config.model.max_seq_length, batch_size)
+        emb = embed_texts(run.model, run.tokenizer, texts, self.config.model.max_length(run.tokenizer), batch_size)
         return {"scores": emb @ state.embeddings.T}

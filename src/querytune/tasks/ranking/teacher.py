@@ -40,7 +40,7 @@ class TeacherScores:
         if self.run.config.data.task != "rerank":
             raise DataError(f"retrieval_teacher: {run_dir} is a {self.run.config.data.task!r} run; the teacher must "
                             "be a rerank (cross-encoder) run")  # fmt: skip
-        self.max_length = self.run.config.model.max_seq_length
+        self.max_length = self.run.config.model.max_length(self.run.tokenizer)
         self.batch_size = batch_size
         fingerprint = model_fingerprint(self.run.model) if not is_export(path) or self.run.format != "onnx" else (
             hashlib.sha256((path / "model.onnx").read_bytes()).hexdigest()[:20])  # fmt: skip

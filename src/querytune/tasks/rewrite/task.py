@@ -161,7 +161,7 @@ class RewriteTask(Task):
 
     def source_budget(self) -> int:
         """Tokens the prompt may take: all of max_seq_length (seq2seq) or what the target leaves (causal)."""
-        max_len = self.config.model.max_seq_length
+        max_len = self.config.model.max_length(getattr(self, "tokenizer", None))
         return max_len if self.encoder_decoder else max(8, max_len - self.args.rewrite_max_target_length)
 
     def prompt(self, row: Row, tokenizer) -> tuple[str, int]:
@@ -178,7 +178,7 @@ class RewriteTask(Task):
         """input_ids / attention_mask / labels for one (prompt, target) pair of the run's family."""
         args = self.args
         if self.encoder_decoder:
-            enc = tokenizer(prompt, truncation=True, max_length=self.config.model.max_seq_length)
+            enc = tokenizer(prompt, truncation=True, max_length=self.config.model.max_length(tokenizer))
             labels = tokenizer(text_target=target, truncation=True, max_length=args.rewrite_max_target_length)
             return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                     "labels": labels["input_ids"]}  # fmt: skip

@@ -25,6 +25,6 @@ class DistillationUnseenLabelsTrainer(UnseenLabelsTrainer, distill.DistillationT
     """Distillation (`distill_teacher`) with the eval loss skipping unseen labels, as `UnseenLabelsTrainer`."""
 
 
-def trainer_class_for(model_args) -> type[Trainer]:
+def trainer_class_for(distill_args) -> type[Trainer]:
     """The Trainer of a classification (or joint intent) run: distilling from a teacher or not."""
-    return DistillationUnseenLabelsTrainer if model_args.distill_teacher else UnseenLabelsTrainer
+    return DistillationUnseenLabelsTrainer if distill_args.distill_teacher else UnseenLabelsTrainer

@@ -178,8 +178,7 @@ class SlotsTask(Task):
         }
 
     def _max_length(self, tokenizer) -> int:
-        max_len = self.config.model.max_seq_length
-        return min(max_len, tokenizer.model_max_length) if tokenizer.model_max_length else max_len
+        return self.config.model.max_length(tokenizer)
 
     def tokenize(self, splits: DatasetDict, tokenizer) -> DatasetDict:
         """Sub-word inputs with aligned labels; words cut by truncation are counted and reported, never mislabelled.
@@ -188,7 +187,7 @@ class SlotsTask(Task):
         sub-token, so their scores are word-level whatever the training option.
         """
         data, max_len = self.config.data, self._max_length(tokenizer)
-        padding = "max_length" if data.pad_to_max_length else False
+        padding = "max_length" if self.config.model.pad_to_max_length else False
         b_to_i = b_to_i_map(self.labels)
 
         def encode(batch: dict[str, list], label_all: bool) -> dict[str, list]:
@@ -204,9 +203,9 @@ class SlotsTask(Task):
                 out[distill.TEACHER_COLUMN] = batch[distill.TEACHER_COLUMN]
             return out
 
-        if self.distill_output and self.config.model.distill_teacher:  # joint task: the intent head's teacher logits
+        if self.distill_output and self.config.distill.distill_teacher:  # joint task: the intent head's teacher logits
             splits = DatasetDict(splits)
-            splits["train"] = distill.add_teacher_logits(splits["train"], self.config.model.distill_teacher,
+            splits["train"] = distill.add_teacher_logits(splits["train"], self.config.distill.distill_teacher,
                                                          self.distill_output, lambda task: task.distill_labels(),
                                                          self.distill_labels(),
                                                          lambda batch: ([" ".join(w) for w in batch["words"]], None))  # fmt: skip
@@ -287,17 +286,17 @@ class SlotsTask(Task):
     def evaluate_trained(self, trainer, dataset, role: str, out_dir: Path) -> dict[str, float]:
         """Score one split at the end of training; for the joint task with an OOS detector, choose its threshold on
         validation first and score the intents with it (argmax figures kept as `argmax_*`)."""
-        data = self.config.data
         prefix = "eval" if role == "validation" else "test"
         unseen = {f"{prefix}_{k}": v for k, v in self.unseen.metrics(role).items()}  # what unseen_labels did
-        if not self.with_intent or data.oos_detector == "none":
+        detection = self.config.section("oos") if self.with_intent else None
+        if detection is None or detection.oos_detector == "none":
             return {**super().evaluate_trained(trainer, dataset, role, out_dir), **unseen}
         result = trainer.predict(dataset, metric_key_prefix=prefix)
         slot_logits, intent_logits, slot_ids, intent_ids = split_outputs(result.predictions, result.label_ids)
         if role == "validation":
-            self.oos = oos.choose_threshold(intent_logits, intent_ids, data.oos_detector, self.intent_oos_id,
-                                            data.oos_threshold_rule, data.oos_max_in_scope_drop,
-                                            data.oos_in_scope_recall)  # fmt: skip
+            self.oos = oos.choose_threshold(intent_logits, intent_ids, detection.oos_detector, self.intent_oos_id,
+                                            detection.oos_threshold_rule, detection.oos_max_in_scope_drop,
+                                            detection.oos_in_scope_recall)  # fmt: skip
         gold, predicted = word_tags(slot_logits, slot_ids, self.labels)
         scored = self.score(gold, predicted, intent_ids.tolist(), self.intent_predictions(intent_logits))
         scored |= {f"intent_{k}": v for k, v in oos.detection_metrics(
@@ -542,9 +541,9 @@ class IntentSlotsTask(SlotsTask):
 
     @property
     def trainer_class(self):
-        return trainer_class_for(self.config.model)
+        return trainer_class_for(self.config.distill)
 
     def trainer_kwargs(self, tokenizer) -> dict[str, Any]:
-        if not self.config.model.distill_teacher:
+        if not self.config.distill.distill_teacher:
             return super().trainer_kwargs(tokenizer)
-        return distill.trainer_kwargs(self.config.model, logits_key="intent_logits", labels_key="intent_labels")
+        return distill.trainer_kwargs(self.config.distill, logits_key="intent_logits", labels_key="intent_labels")
