@@ -215,3 +215,49 @@ def slot_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def slot_bert(tmp_path_factory) -> Path:
     return build_tiny_checkpoint("bert", tmp_path_factory.mktemp("slot_bert") / "bert", extra_words=SLOT_WORDS)
+
+
+# --- a tiny relevance corpus (Home Depot column names) and its checkpoint
+COLOURS = ["red", "blue", "green", "black", "white", "steel", "oak", "brass"]
+ITEMS = ["shoes", "jacket", "lamp", "sofa", "boots", "watch", "tent", "kettle", "bracket", "faucet"]
+EXTRA_WORDS = (*COLOURS, "bracket", "faucet", "with", "and", "set", "of", "pack")
+
+
+def ranking_rows(n_queries: int, seed: int) -> list[dict]:
+    """Queries 'colour item'; each judges the exact product (3), one sharing the item (2) and a random one (1)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n_queries):
+        colour, item = rng.choice(COLOURS), rng.choice(ITEMS)
+        other_colour = rng.choice([c for c in COLOURS if c != colour])
+        other_item = rng.choice([i for i in ITEMS if i != item])
+        query = f"{colour} {item}"
+        for title, grade in ((f"{colour} {item} set", 3), (f"{other_colour} {item}", 2),
+                             (f"{other_colour} {other_item} pack", 1)):  # fmt: skip
+            rows.append({"search_term": query, "product_title": title, "relevance": grade, "product_uid": title})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def ranking_data(tmp_path_factory) -> Path:
+    """One train file (split by query hash at load time), Home Depot column names."""
+    root = tmp_path_factory.mktemp("ranking_data")
+    write_jsonl(root / "train.jsonl", ranking_rows(60, 0))
+    return root
+
+
+@pytest.fixture(scope="session")
+def ranking_bert(tmp_path_factory) -> Path:
+    return build_tiny_checkpoint("bert", tmp_path_factory.mktemp("ranking_models") / "bert", EXTRA_WORDS)
+
+
+COLUMNS = {"text_column": "search_term", "text_pair_column": "product_title", "label_column": "relevance",
+           "document_id_column": "product_uid"}  # fmt: skip
+
+
+def ranking_experiment(tmp_path: Path, model: Path, data: Path, task: str, **overrides) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    values = {"task": task, **COLUMNS, "max_steps": 3, "ranking_test_percentage": 25.0,
+              "validation_split_percentage": 25.0, "catalogue_cache_dir": str(tmp_path / "cache"),
+              "retrieval_top_k": 20, **overrides}  # fmt: skip
+    return tiny_experiment(tmp_path, model, data, **values)

@@ -20,7 +20,6 @@ from querytune.serving.quantize import QuantSetting, calibration_feeds, run_grap
 from querytune.serving.verify import training_sample
 
 from .conftest import SLOT_WORDS, make_slot_rows, tiny_experiment, write_jsonl
-from .test_ranking import ranking_bert, ranking_data  # noqa: F401  (fixtures: the tiny ranking corpus and model)
 
 TEXTS = ["where is my order 5", "cheap shoes", "return my lamp", "store near 12", "best laptop under 40 dollars"]
 
@@ -203,7 +202,7 @@ def test_rerank_cross_encoder_exports_its_pairs(tmp_path, ranking_bert, ranking_
     """A rerank run (one score per (query, document) pair) exports and verifies on its held-out pairs."""
     from querytune.tasks.ranking.common import score_pairs
 
-    from .test_ranking import ranking_experiment
+    from .conftest import ranking_experiment
 
     exp = ranking_experiment(tmp_path, ranking_bert, ranking_data, "rerank", method="lora", max_steps=3)
     assert main(["train", str(exp)]) == 0

@@ -29,8 +29,7 @@ from querytune.hub import model_card, upload_files, usage_section
 from querytune.runs import read_run
 from querytune.tasks import get_task
 
-from .conftest import tiny_experiment
-from .test_ranking import COLUMNS, ranking_bert, ranking_data  # noqa: F401  (fixtures)
+from .conftest import COLUMNS, tiny_experiment
 from .test_rewrite import conv_data, tiny_gen_models  # noqa: F401  (fixtures)
 
 INTENT_TEXTS = ["where is my order 5", "cheap shoes for kids", "return my lamp", "store near 12"]

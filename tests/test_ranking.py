@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 
 import numpy as np
@@ -19,52 +18,17 @@ from querytune.metrics import load_metric
 from querytune.tasks.ranking.common import encode_pairs
 from querytune.tasks.ranking.data import load_ranking_data, query_bucket, sample_queries
 
-from .conftest import REPO, SHARED_DATA, build_tiny_checkpoint, data_sections, tiny_experiment, write_jsonl
+from .conftest import (
+    COLUMNS,
+    REPO,
+    SHARED_DATA,
+    data_sections,
+    ranking_experiment,
+    ranking_rows,
+    write_jsonl,
+)
 
 NAN = float("nan")
-COLOURS = ["red", "blue", "green", "black", "white", "steel", "oak", "brass"]
-ITEMS = ["shoes", "jacket", "lamp", "sofa", "boots", "watch", "tent", "kettle", "bracket", "faucet"]
-EXTRA_WORDS = (*COLOURS, "bracket", "faucet", "with", "and", "set", "of", "pack")
-
-
-def ranking_rows(n_queries: int, seed: int) -> list[dict]:
-    """Queries 'colour item'; each judges the exact product (3), one sharing the item (2) and a random one (1)."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n_queries):
-        colour, item = rng.choice(COLOURS), rng.choice(ITEMS)
-        other_colour = rng.choice([c for c in COLOURS if c != colour])
-        other_item = rng.choice([i for i in ITEMS if i != item])
-        query = f"{colour} {item}"
-        for title, grade in ((f"{colour} {item} set", 3), (f"{other_colour} {item}", 2),
-                             (f"{other_colour} {other_item} pack", 1)):  # fmt: skip
-            rows.append({"search_term": query, "product_title": title, "relevance": grade, "product_uid": title})
-    return rows
-
-
-@pytest.fixture(scope="session")
-def ranking_data(tmp_path_factory) -> Path:
-    """One train file (split by query hash at load time), Home Depot column names."""
-    root = tmp_path_factory.mktemp("ranking_data")
-    write_jsonl(root / "train.jsonl", ranking_rows(60, 0))
-    return root
-
-
-@pytest.fixture(scope="session")
-def ranking_bert(tmp_path_factory) -> Path:
-    return build_tiny_checkpoint("bert", tmp_path_factory.mktemp("ranking_models") / "bert", EXTRA_WORDS)
-
-
-COLUMNS = {"text_column": "search_term", "text_pair_column": "product_title", "label_column": "relevance",
-           "document_id_column": "product_uid"}  # fmt: skip
-
-
-def ranking_experiment(tmp_path: Path, model: Path, data: Path, task: str, **overrides) -> Path:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    values = {"task": task, **COLUMNS, "max_steps": 3, "ranking_test_percentage": 25.0,
-              "validation_split_percentage": 25.0, "catalogue_cache_dir": str(tmp_path / "cache"),
-              "retrieval_top_k": 20, **overrides}  # fmt: skip
-    return tiny_experiment(tmp_path, model, data, **values)
 
 
 # --- metrics on hand-computed cases

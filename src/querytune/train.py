@@ -54,6 +54,7 @@ from querytune.runs import (
     prepare_output_dir,
     write_json_atomic,
 )
+from querytune.sampling import seeded
 from querytune.tasks import get_task
 
 logger = logging.getLogger("querytune")
@@ -239,11 +240,12 @@ def plan_schedule(config: ExperimentConfig, train_rows: int) -> Schedule:
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.num_train_epochs)
     check_steps(total_steps, train_rows, config)
     if args.max_steps <= 0 and args.min_train_steps and total_steps < args.min_train_steps:
-        epochs = math.ceil(args.min_train_steps / steps_per_epoch)
-        logger.info("min_train_steps %d: %d train rows make %d steps in %g epochs; training %d epochs (%d steps)",
-                    args.min_train_steps, train_rows, total_steps, args.num_train_epochs, epochs,
-                    epochs * steps_per_epoch)  # fmt: skip
-        args.num_train_epochs, total_steps = epochs, epochs * steps_per_epoch
+        # exactly the floor (the last epoch may be partial), so that sets of different sizes under it get equal steps
+        logger.info("min_train_steps %d: %d train rows make %d steps in %g epochs; training %d steps (%.1f epochs)",
+                    args.min_train_steps, train_rows, total_steps, args.num_train_epochs, args.min_train_steps,
+                    args.min_train_steps / steps_per_epoch)  # fmt: skip
+        args.max_steps = total_steps = args.min_train_steps
+        args.num_train_epochs = args.min_train_steps / steps_per_epoch
     return Schedule(total_steps, args.num_train_epochs)
 
 
@@ -285,7 +287,7 @@ def make_trainer(config: ExperimentConfig, data: RunData, model: Any, resume: st
     hub = (args.push_to_hub, args.hub_token)
     args.push_to_hub, args.hub_token = False, None
     wandb_run = tracking.start_run(config)
-    trainer = task.trainer_class(
+    trainer = seeded(task.trainer_class)(
         model=model,
         args=args,
         train_dataset=data.encoded["train"],

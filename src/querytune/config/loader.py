@@ -130,17 +130,31 @@ def read_experiment_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict
     return {**merged, **data}
 
 
+NULLS = ("null", "~")  # what means null on the command line, as in YAML
+
+
+def _is_null(key: str, value: str) -> bool:
+    """`null` / `~` mean null for any key; `none` / `None` only where the key takes no text (`--lora_r none`): for a
+    text or a choice it stays the word (`--oos_detector none`, `--report_to none`)."""
+    if value.lower() in NULLS:
+        return True
+    kind = _field_kinds().get(key, "")
+    return value.lower() == "none" and "str" not in kind
+
+
 def _pop_nulls(overrides: list[str]) -> tuple[list[str], set[str]]:
-    """Remove `--key null` / `--key=None` pairs; return the rest and the keys set to None."""
+    """Remove `--key null` / `--key=~` pairs (and `none` for a key that takes no text); return the rest and the keys
+    set to None."""
     kept: list[str] = []
     nulls: set[str] = set()
     i = 0
     while i < len(overrides):
         tok = overrides[i]
-        if tok.startswith("--") and "=" in tok and tok.split("=", 1)[1].lower() in ("null", "none"):
-            nulls.add(tok[2:].split("=", 1)[0])
-        elif tok.startswith("--") and i + 1 < len(overrides) and overrides[i + 1].lower() in ("null", "none"):
-            nulls.add(tok[2:])
+        key = tok[2:].split("=", 1)[0]
+        if tok.startswith("--") and "=" in tok and _is_null(key, tok.split("=", 1)[1]):
+            nulls.add(key)
+        elif tok.startswith("--") and "=" not in tok and i + 1 < len(overrides) and _is_null(key, overrides[i + 1]):
+            nulls.add(key)
             i += 1
         else:
             kept.append(tok)

@@ -217,8 +217,8 @@ class QueryTrainingArguments(Seq2SeqTrainingArguments):
     min_train_steps: int | None = field(
         default=None,
         metadata={"help": "Train at least this many optimizer steps: when num_train_epochs would make fewer (a small "
-                  "train set), the epochs are raised to reach it (warm-up, a fraction, scales with them). Ignored "
-                  "with max_steps."},
+                  "train set), the run trains exactly this many (the last epoch may be partial; warm-up, a "
+                  "fraction, scales with them). Ignored with max_steps."},
     )  # fmt: skip
     early_stopping_patience: int | None = field(
         default=None, metadata={"help": "Stop after N evaluations without improvement (needs metric_for_best_model)."}
@@ -321,6 +321,8 @@ class ExperimentConfig:
         training = self.training.to_dict()
         init_fields = {f.name for f in dataclasses.fields(self.training) if f.init}
         flat.update({k: v for k, v in training.items() if k in init_fields and k not in _NOT_SAVED})
+        if not flat.get("report_to"):  # no integration is the word "none": transformers has read null as "all"
+            flat["report_to"] = "none"
         return flat
 
     def save(self, path: str | Path) -> None:
