@@ -183,7 +183,8 @@ def test_a_key_value_in_place_of_the_file_says_to_write_a_flag():
 
 def test_help_texts_with_a_percent_sign_render():
     """`querytune train --help` failed with `TypeError: %o format` on "% of queries held out" in a help text."""
-    from querytune.config import _RaisingParser, sections
+    from querytune.config import RaisingParser as _RaisingParser
+    from querytune.config import sections
 
     text = _RaisingParser(sections()).format_help()
     assert "% of queries held out as test" in text and "--unseen_labels" in text

@@ -23,6 +23,8 @@ from .conftest import SLOT_WORDS, make_slot_rows, tiny_experiment, write_jsonl
 
 TEXTS = ["where is my order 5", "cheap shoes", "return my lamp", "store near 12", "best laptop under 40 dollars"]
 
+INT8_AGREEMENT_FLOOR = 0.75  # top-1 agreement of an int8 export with its fp32 run, on the tiny test runs
+
 
 def _train(tmp, model_dir, data_dir, **overrides):
     exp = tiny_experiment(tmp, model_dir, data_dir, **overrides)
@@ -87,13 +89,19 @@ def test_onnx_fp32_and_int8_exports(lora_run, tmp_path):
     assert int8["quantize"] == "int8" and (tmp_path / "onnx-int8" / ONNX_FILE).is_file()
     assert not (tmp_path / "onnx-int8" / "model_fp32.onnx").exists()
     check = int8["verification"]["outputs"]["logits"]
-    assert 0 <= check["top1_agreement"] <= 1 and check["max_abs_logit_diff"] > 0  # int8 really changed the weights
+    assert check["max_abs_logit_diff"] > 0, "int8 really changed the weights"
+    # int8 moves a logit here and there, not the answers: a floor under what this tiny run measures (PRINTED below)
+    print("int8 agreement", check["top1_agreement"], check["compared"])
+    assert check["top1_agreement"] >= INT8_AGREEMENT_FLOOR, check
     import onnx
 
     ops = {n.op_type for n in onnx.load(str(tmp_path / "onnx-int8" / ONNX_FILE)).graph.node}
     assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
     q = LoadedRun(tmp_path / "onnx-int8").predict(TEXTS)
-    assert [r["query"] for r in q] == TEXTS and all(0 <= r["score"] <= 1 for r in q)
+    assert [r["query"] for r in q] == TEXTS
+    same = sum(a["label"] == b["label"] for a, b in zip(q, reference.predict(TEXTS), strict=True))
+    print("int8 same labels", same, len(TEXTS))
+    assert same >= INT8_AGREEMENT_FLOOR * len(TEXTS), "int8 answers as the fp32 run does"
 
 
 @pytest.mark.parametrize("task", ["slots", "intent_slots"])

@@ -246,3 +246,24 @@ def test_contributing_lists_every_module():
     present = {str(p.relative_to(root)) for p in (root / "querytune").rglob("*.py") if p.name != "__init__.py"}
     assert sorted(present - listed) == [], "modules missing from CONTRIBUTING.md's layout"
     assert sorted(listed - present) == [], "CONTRIBUTING.md lists modules that do not exist"
+
+
+def test_the_suite_fails_a_test_that_compares_nothing():
+    """conftest's guard: a test body without an assert, pytest.raises or assert_* helper is failed at collection."""
+    from .conftest import compares_something
+
+    def empty(tmp_path):
+        tmp_path.mkdir(exist_ok=True)
+
+    def checks(tmp_path):
+        assert tmp_path
+
+    def raises():
+        with pytest.raises(ValueError):
+            int("x")
+
+    def helper(tmp_path):
+        _assert_same_run(tmp_path, tmp_path, 1)  # noqa: F821  (never called: only read)
+
+    assert not compares_something(empty)
+    assert compares_something(checks) and compares_something(raises) and compares_something(helper)

@@ -199,19 +199,29 @@ def test_detector_options_are_checked(tmp_path, tiny_bert, tiny_data):
 
 
 def test_the_server_honours_the_threshold(msp_run, tmp_path):
+    """The served run answers with the detector of its label map, in both directions: a threshold above every MSP
+    rejects every query, one below every MSP rejects none (the argmax answer stands); the server stops cleanly."""
     import shutil
 
     import httpx
 
+    from querytune.inference import LoadedRun
+
     from .test_serve import start_server, stop_server
 
-    run = tmp_path / "run"
-    shutil.copytree(msp_run, run)
-    _with_threshold(run, 2.0)
-    proc, url = start_server([str(run)], tmp_path / "serve.log")
-    try:
-        body = httpx.post(f"{url}/predict", json={"queries": ["where is my order 12"]}, timeout=30).json()
-    finally:
-        stop_server(proc)
-    answer = body["results"][0]["predictions"]["run"]
-    assert answer["label"] == "oos" and answer["oos"] is True
+    queries = ["where is my order 12", "cheap shoes for kids"]
+    argmax = [r["top_k"][0]["label"] for r in LoadedRun(msp_run).predict(queries)]
+    for threshold, rejected in ((2.0, True), (-1.0, False)):  # MSP lies in [0, 1]
+        run = tmp_path / f"run-{threshold}"
+        shutil.copytree(msp_run, run)
+        _with_threshold(run, threshold)
+        proc, url = start_server([f"run={run}"], tmp_path / f"serve-{threshold}.log")
+        try:
+            body = httpx.post(f"{url}/predict", json={"queries": queries}, timeout=30).json()
+        finally:
+            assert stop_server(proc) == 0, (tmp_path / f"serve-{threshold}.log").read_text()[-2000:]
+        answers = [r["predictions"]["run"] for r in body["results"]]
+        if rejected:
+            assert all(a["label"] == "oos" and a["oos"] is True for a in answers)
+        else:
+            assert [a["label"] for a in answers] == argmax and not any(a["oos"] for a in answers)

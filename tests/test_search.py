@@ -20,6 +20,8 @@ from querytune.serving.export import export_run
 from .test_ranking import _train, hybrid_run  # noqa: F401  (hybrid_run: a fixture)
 from .test_serve import start_server, stop_server
 
+INT8_SEARCH_FLOOR = 0.75  # share of held-out queries whose best catalogue product the int8 export keeps
+
 
 # --- faiss against exact search
 def _clustered(n: int, dim: int, seed: int) -> np.ndarray:
@@ -85,14 +87,19 @@ def test_retrieval_export_round_trip(hybrid_run, hybrid_exports):  # noqa: F811
         assert check["compared"] > 0, name
         if name != "int8":
             assert check["top1_agreement"] == 1.0 and check["max_abs_logit_diff"] < 1e-4, (name, check)
-        else:  # int8 weights move cosines a little; the verification measures by how much
-            assert 0.0 <= check["top1_agreement"] <= 1.0 and check["max_abs_logit_diff"] < 0.5, check
+        else:  # int8 weights move cosines a little; the verification measures by how much (PRINTED below)
+            print("int8 search agreement", check)
+            assert check["top1_agreement"] >= INT8_SEARCH_FLOOR and check["max_abs_logit_diff"] < 0.5, check
         exported = LoadedRun(folder)
         got = exported.task.search(exported, ["red shoes", "oak lamp"], top_k=5)
-        if name != "int8":
-            for g, w in zip(got, want, strict=True):
+        for g, w in zip(got, want, strict=True):
+            if name != "int8":
                 assert [h["id"] for h in g["hits"]] == [h["id"] for h in w["hits"]], name
                 assert np.allclose([h["score"] for h in g["hits"]], [h["score"] for h in w["hits"]], atol=1e-4)
+            else:  # the int8 search finds most of the fp32 search's top 5
+                shared = len({h["id"] for h in g["hits"]} & {h["id"] for h in w["hits"]})
+                print("int8 top-5 shared", shared)
+                assert shared >= 3, (g["hits"], w["hits"])
     onnx = json.loads((hybrid_exports["onnx"] / "querytune_export.json").read_text())
     assert "last_hidden_state" in onnx["outputs"] and "input_ids" in onnx["inputs"]
 

@@ -196,10 +196,12 @@ def test_concurrent_requests_are_micro_batched(server):
         ({"queries": ["cheap shoes"], "top_k": 0}, 422, "invalid request: body.top_k"),
         ({"queries": ["cheap shoes"], "runs": ["nope"]}, 404, "unknown run(s) ['nope']"),
         ({}, 422, "invalid request: body.queries: Field required"),
-        # strict types: no coercion of a string, a boolean or a float into top_k
+        # strict types: no coercion of a string, a boolean or a fraction into top_k (2.0 is JSON's integer 2)
         ({"queries": ["cheap shoes"], "top_k": "3"}, 422, "body.top_k: Input should be a valid integer"),
         ({"queries": ["cheap shoes"], "top_k": True}, 422, "body.top_k: Input should be a valid integer"),
-        ({"queries": ["cheap shoes"], "top_k": 2.0}, 422, "body.top_k: Input should be a valid integer"),
+        ({"queries": ["cheap shoes"], "top_k": 2.5}, 422, "body.top_k: Input should be a valid integer"),
+        # the schema says runs has at least one item (found by schemathesis' checks: it was answered 200)
+        ({"queries": ["cheap shoes"], "runs": []}, 422, "runs is empty"),
         ({"queries": ["cheap shoes"], "top_k": 51}, 422, "body.top_k"),
         ({"queries": [3]}, 422, "body.queries.0: Input should be a valid string"),
         ({"queries": ["cheap shoes"], "topk": 3}, 422, "body.topk: Extra inputs are not permitted"),
@@ -214,6 +216,14 @@ def test_bad_input_gets_a_clear_4xx(server, body, status, message):
     response = post(f"{server}/predict", body)
     assert response.status_code == status and message in response.json()["error"], response.text
     assert httpx.get(f"{server}/health").json()["status"] == "ok"
+
+
+def test_a_whole_float_top_k_is_that_integer(server):
+    """JSON Schema's integer admits 2.0: the schema and the server agree (schemathesis found 50.0 refused)."""
+    whole, int_ = (post(f"{server}/predict", {"queries": ["cheap shoes"], "runs": ["intent"], "top_k": k}) for k in
+                   (2.0, 2))  # fmt: skip
+    assert whole.status_code == int_.status_code == 200 and whole.json() == int_.json()
+    assert len(whole.json()["results"][0]["predictions"]["intent"]["top_k"]) == 2
 
 
 def test_a_bad_query_among_concurrent_good_ones_fails_alone(server, runs):
@@ -277,20 +287,20 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(server):
 
 
 def test_fuzz_the_live_server_from_its_openapi_schema(server, tmp_path):
-    """schemathesis generates requests from the server's own OpenAPI schema (valid and invalid bodies, edge values):
-    no response may be a 5xx or break the schema. Bounded: 40 examples per operation, one worker, a 6-minute cap."""
+    """schemathesis generates requests from the server's own OpenAPI schema (valid and invalid bodies, edge values)
+    and runs every check it has: no 5xx, no response outside the schema, no status the schema does not list, schema-
+    valid requests accepted and invalid ones refused. Bounded: 40 examples per operation, one worker, a 6-minute cap."""
     pytest.importorskip("schemathesis")
     schemathesis = shutil.which("schemathesis") or str(Path(sys.executable).parent / "schemathesis")
     before = httpx.get(f"{server}/metrics").text
     proc = subprocess.run(
-        [schemathesis, "run", f"{server}/openapi.json", "--checks", "not_a_server_error,response_schema_conformance",
-         "--max-examples", "40", "--workers", "1", "--seed", "42", "--request-timeout", "30", "--wait-for-schema",
-         "30", "--generation-database", "none", "--no-color", "--suppress-health-check", "all",
-         "--exclude-path", "/search"],  # an intent run has no catalogue: /search is 404 here (tests/test_search.py)
+        [schemathesis, "run", f"{server}/openapi.json", "--checks", "all", "--max-examples", "40", "--workers", "1",
+         "--seed", "42", "--request-timeout", "30", "--wait-for-schema", "30", "--generation-database", "none",
+         "--no-color", "--suppress-health-check", "all"],
         capture_output=True, text=True, timeout=360, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert "Tested: 4" in proc.stdout  # /predict, /health, /metadata, /metrics
+    assert "Tested: 5" in proc.stdout  # /predict, /search (404 here: no run searches), /health, /metadata, /metrics
     assert "No issues found" in proc.stdout, proc.stdout[-3000:]
     after = httpx.get(f"{server}/metrics").text
     answered = _metric(after, 'querytune_requests_total{endpoint="/predict",status="200"}') - _metric(

@@ -83,25 +83,33 @@ def test_unreachable_wandb_server_falls_back_to_offline_and_trains_on(tmp_path, 
 
 
 def test_the_init_timeout_is_read_at_each_training_not_once_per_process(tmp_path, tiny_bert, tiny_data,
-                                                                         wandb_offline_env, monkeypatch):  # fmt: skip
+                                                                         wandb_offline_env, monkeypatch, capsys):  # fmt: skip
     """wandb reads WANDB_INIT_TIMEOUT once per process: after an earlier W&B run in the same process (a sweep, the
     test suite) its cached 90 s applied (this file's outage test took 92 s after the sweep tests). querytune passes
-    the current value to every `wandb.init`."""
-    import wandb
+    the current value to every `wandb.init`. The real wandb client meets a server that accepts connections and never
+    answers: each start waits about the timeout set at that moment, then goes offline."""
+    import time
 
     from querytune.errors import ConfigError
-    from querytune.tracking import INIT_TIMEOUT_S, init_timeout, start_run
+    from querytune.tracking import init_timeout, start_run
 
-    timeouts = []
-    monkeypatch.setattr(wandb, "init", lambda settings=None, **kw: timeouts.append(settings.init_timeout))
+    from .test_hub import silent_port
+
+    sock, port = silent_port()
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef" * 2 + "01234567")  # a key, so W&B tries to go online
     config = load_config(tiny_experiment(tmp_path, tiny_bert, tiny_data, report_to="wandb"))
-    for value, expected in (("2.5", 2.5), ("7", 7.0), (None, INIT_TIMEOUT_S)):
-        if value is None:
-            monkeypatch.delenv("WANDB_INIT_TIMEOUT", raising=False)
-        else:
+    try:
+        for value in ("2", "6"):  # a longer one second: a value cached from the first would cut it short
             monkeypatch.setenv("WANDB_INIT_TIMEOUT", value)
-        start_run(config)
-        assert timeouts[-1] == expected
+            start = time.monotonic()
+            wandb_run = start_run(config)
+            waited = time.monotonic() - start
+            wandb_run.finish()
+            assert float(value) - 0.5 <= waited < float(value) + 30, (value, waited)
+            assert "W&B did not answer" in capsys.readouterr().out and wandb_run.offline
+    finally:
+        sock.close()
     monkeypatch.setenv("WANDB_INIT_TIMEOUT", "soon")
     with pytest.raises(ConfigError, match="WANDB_INIT_TIMEOUT must be a number of seconds, got 'soon'"):
         init_timeout()

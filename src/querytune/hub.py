@@ -118,7 +118,7 @@ on `{info.get("dataset")}` ({info["num_labels"]} labels).
 | metric | value |
 |---|---|
 {rows}
-{training_data_section(info.get("training_data"))}
+{training_data_section(info.get("training_data"))}{task.card_notes(run)}
 ## Use
 
 {usage_section(task, label_info, info, source)}

@@ -102,6 +102,7 @@ class LoadedRun:
         self.trust_remote_code = trust_remote_code
         self.task = get_task(self.config.data.task)(self.config)
         self.task.set_label_info(json.loads((self.run_dir / LABEL_MAP).read_text()))
+        self.task.loaded_from(self.run_dir)
         self.tokenizer = load_tokenizer(str(self.run_dir), trust_remote_code=trust_remote_code)
         self.method = self.config.method.method
         self.merged = False

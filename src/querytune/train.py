@@ -340,6 +340,7 @@ def finish_run(config: ExperimentConfig, data: RunData, trainer: Trainer, metric
         args.push_to_hub = push  # the saved config is what the user asked for
         config.save(out / CONFIG_FILE)
         write_json_atomic(out / LABEL_MAP, task.label_info())
+        task.run_files(out)
         weights = model_files(out)
         metrics["model_size_mb"] = dir_size_mb(weights)
         write_json_atomic(out / METRICS_FILE, metrics)

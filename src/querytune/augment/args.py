@@ -13,6 +13,11 @@ class AugmentArguments:
     """Augmentation of the train split (never validation or test). Each augmenter's own options are keys prefixed
     with its name (`eda_alpha`, `mlm_model`, `paraphrase_model`, ...)."""
 
+    paths: ClassVar[tuple[str, ...]] = (
+        "augment_filter_run",
+        "augment_cache_dir",
+    )  # local paths: saved resolved, so a run loads anywhere
+
     section: ClassVar[str] = "augment"
 
     augment: list[str] | None = field(

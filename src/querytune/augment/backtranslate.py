@@ -9,7 +9,7 @@ pass is greedy. With no such model reachable the run stops before training, nami
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from querytune.augment.base import model_identity
 from querytune.augment.generation import TextRewriter
@@ -20,6 +20,10 @@ DEFAULT_MODELS = ["Helsinki-NLP/opus-mt-en-de", "Helsinki-NLP/opus-mt-de-en"]
 @dataclass
 class BacktranslateArguments:
     """Options of the `backtranslate` augmenter."""
+
+    paths: ClassVar[tuple[str, ...]] = (
+        "backtranslate_models",
+    )  # local paths: saved resolved, so a run loads anywhere
 
     backtranslate_models: list[str] | None = field(
         default=None,

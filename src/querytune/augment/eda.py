@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from querytune.augment.base import Augmenter, Example, editable, match_case, row_rng, stopwords
 
@@ -27,6 +27,8 @@ OPERATIONS = ("synonym", "insert", "swap", "delete")
 @dataclass
 class EdaArguments:
     """Options of the `eda` augmenter."""
+
+    paths: ClassVar[tuple[str, ...]] = ("eda_synonym_model",)  # local paths: saved resolved, so a run loads anywhere
 
     eda_operations: list[str] | None = field(
         default=None, metadata={"help": "eda: operations taking turns (default synonym, insert, swap, delete)."}

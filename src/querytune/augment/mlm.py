@@ -9,7 +9,7 @@ DistilBERT, ...): a Hub id or a local folder, in `mlm_model`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from querytune.augment.base import Augmenter, Example, editable, match_case, model_identity, row_rng, stopwords
 
@@ -17,6 +17,8 @@ from querytune.augment.base import Augmenter, Example, editable, match_case, mod
 @dataclass
 class MlmArguments:
     """Options of the `mlm` augmenter."""
+
+    paths: ClassVar[tuple[str, ...]] = ("mlm_model",)  # local paths: saved resolved, so a run loads anywhere
 
     mlm_model: str | None = field(
         default=None, metadata={"help": "mlm: fill-mask model, a Hub id (e.g. bert-base-uncased) or a local folder."}

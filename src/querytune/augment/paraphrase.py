@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from querytune.augment.base import model_identity
 from querytune.augment.generation import TextRewriter
@@ -32,6 +32,8 @@ _PREFIX = re.compile(r"^(rewrite|rewritten query|paraphrase|query|answer|output)
 @dataclass
 class ParaphraseArguments:
     """Options of the `paraphrase` augmenter."""
+
+    paths: ClassVar[tuple[str, ...]] = ("paraphrase_model",)  # local paths: saved resolved, so a run loads anywhere
 
     paraphrase_model: str | None = field(
         default=None,

@@ -8,7 +8,9 @@ args.py`, `querytune.augment`); `sections()` lists every dataclass whose fields 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,6 +30,11 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ModelArguments:
     """Which pretrained model to start from, and how queries are fed to it."""
+
+    paths: ClassVar[tuple[str, ...]] = (
+        "model_name_or_path",
+        "tokenizer_name",
+    )  # local paths: saved resolved, so a run loads anywhere
 
     model_name_or_path: str = field(
         default="all-MiniLM-L6-v2",
@@ -74,6 +81,8 @@ class DistillArguments:
     """Knowledge distillation from a finished run (`querytune.distill`); `student_layers` (a model key) makes the
     smaller student."""
 
+    paths: ClassVar[tuple[str, ...]] = ("distill_teacher",)  # local paths: saved resolved, so a run loads anywhere
+
     section: ClassVar[str] = "distill"
 
     distill_teacher: str | None = field(
@@ -101,6 +110,13 @@ class DistillArguments:
 class DataArguments:
     """Which dataset, which columns, and how much of it (every task). Task-specific options live in each task
     package's argument dataclass (`querytune/tasks/<task>/args.py`); the keys stay flat."""
+
+    paths: ClassVar[tuple[str, ...]] = (
+        "dataset_name",
+        "train_file",
+        "validation_file",
+        "test_file",
+    )  # local paths: saved resolved, so a run loads anywhere
 
     task: str = field(
         default="intent",
@@ -203,6 +219,8 @@ def check_split_name(split: str | None, key: str = "split") -> None:
 # Seq2Seq: the same as TrainingArguments plus predict_with_generate / generation_* (task: rewrite).
 class QueryTrainingArguments(Seq2SeqTrainingArguments):
     """🤗 `TrainingArguments` with defaults suited to query corpora (every other field is as in transformers)."""
+
+    paths: ClassVar[tuple[str, ...]] = ("output_dir",)  # local paths: saved resolved, so a run loads anywhere
 
     output_dir: str | None = field(default=None, metadata={"help": "Run directory (default runs/<experiment>)."})
     eval_strategy: str = field(default="epoch", metadata={"help": "'no', 'steps' or 'epoch'."})
@@ -326,15 +344,32 @@ class ExperimentConfig:
         return flat
 
     def save(self, path: str | Path) -> None:
-        """Write the fully resolved config as a YAML experiment file that `load_config` reads back."""
+        """Write the fully resolved config as a YAML experiment file that `load_config` reads back.
+
+        Local paths (a dataset folder, a teacher run, ...: each section's `paths`) are written absolute, with what
+        was written as a comment, so that the run loads from any working directory."""
         flat = self.to_flat_dict()
+        written = {}  # key -> the value as given, where it was a relative path
+        for _, section in [*self._sections(), ("training", self.training)]:
+            for key in getattr(type(section), "paths", ()):
+                resolved = resolve_local_path(flat.get(key))
+                if resolved != flat.get(key):
+                    written[key], flat[key] = flat[key], resolved
         lines = [
             f"# Resolved querytune config (from {self.source or 'defaults'}). Re-run: querytune train <this file>"
         ]
+
+        def dump(values: dict[str, Any]) -> str:
+            text = yaml.safe_dump(values, sort_keys=False).rstrip()
+            for key, value in written.items():
+                text = re.sub(rf"^({re.escape(key)}:.*)$", rf"\1  # as written: {json.dumps(value)}", text, count=1,
+                              flags=re.MULTILINE)  # fmt: skip
+            return text
+
         for title, section in self._sections():
             keys = [f.name for f in dataclasses.fields(section)]
-            lines += ["", f"# --- {title}", yaml.safe_dump({k: flat.pop(k) for k in keys}, sort_keys=False).rstrip()]
-        lines += ["", "# --- training (🤗 TrainingArguments)", yaml.safe_dump(flat, sort_keys=False).rstrip(), ""]
+            lines += ["", f"# --- {title}", dump({k: flat.pop(k) for k in keys})]
+        lines += ["", "# --- training (🤗 TrainingArguments)", dump(flat), ""]
         write_text_atomic(Path(path), "\n".join(lines))
 
 
@@ -346,6 +381,16 @@ def sections() -> tuple[type, ...]:
     """Every dataclass whose fields are experiment keys: model, data, method, each task's options, training."""
     return (ModelArguments, DataArguments, MethodArguments, *method_option_classes(), AugmentArguments,
             *augmenter_option_classes(), DistillArguments, *argument_classes(), QueryTrainingArguments)  # fmt: skip
+
+
+def resolve_local_path(value: Any) -> Any:
+    """A relative path that exists here as an absolute one (each item of a list); anything else (a Hub id, a short
+    model name, an absolute path) as it is."""
+    if isinstance(value, list):
+        return [resolve_local_path(v) for v in value]
+    if isinstance(value, str) and value and not Path(value).is_absolute() and Path(value).exists():
+        return str(Path(value).resolve())
+    return value
 
 
 def write_text_atomic(path: Path, text: str) -> None:

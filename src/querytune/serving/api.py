@@ -117,7 +117,7 @@ def create_app(runs: dict[str, Any], settings: ServeSettings | None = None) -> F
     _add_predict(app, runs, settings, metrics, state, guarded)
     # POST /search (serving/search.py): runs that search a catalogue; searches run in the run's model thread.
     register_search(app, runs, settings.max_query_chars,
-                    lambda name: getattr(state["batchers"].get(name), "executor", None))  # fmt: skip
+                    lambda name: getattr(state["batchers"].get(name), "executor", None), guarded)  # fmt: skip
     return app
 
 
@@ -150,6 +150,8 @@ def _request_problem(body: Any, runs: dict[str, Any], settings: ServeSettings) -
     inputs = {name: getattr(body, name) for name in request_inputs() if getattr(body, name) is not None}
     if not body.queries:
         return 422, "queries is empty: send at least one query"
+    if body.runs is not None and not body.runs:
+        return 422, "runs is empty: name at least one loaded run, or leave runs out to ask them all"
     if len(body.queries) > settings.max_queries_per_request:
         return 413, (f"too many queries: {len(body.queries)} > {settings.max_queries_per_request} per request; "
                      "split the batch")  # fmt: skip

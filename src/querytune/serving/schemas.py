@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from querytune.tasks import declared_inputs
 
@@ -44,11 +44,21 @@ class ServeSettings:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
 
 
+def _whole_number(value: Any) -> Any:
+    """JSON Schema's `integer` admits 50.0: a float with no fraction is that integer. Strings and booleans stay
+    invalid (strict types)."""
+    if isinstance(value, float) and not isinstance(value, bool) and value.is_integer():
+        return int(value)
+    return value
+
+
 class _PredictFields(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     queries: list[str] = Field(description="the queries to label (a batch)")
-    top_k: int | None = Field(None, ge=1, le=50, description="labels per query (default 3); rerank: documents (all)")
+    top_k: Annotated[int, BeforeValidator(_whole_number)] | None = Field(
+        None, ge=1, le=50, description="labels per query (default 3); rerank: documents (all)"
+    )
     runs: list[str] | None = Field(None, description="names of the loaded runs to ask (default: all)")
 
 

@@ -22,6 +22,8 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from querytune.serving.schemas import ERRORS
+
 logger = logging.getLogger(__name__)
 MAX_TOP_K = 1000
 
@@ -37,8 +39,10 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def register_search(app: FastAPI, runs: dict[str, Any], max_query_chars: int,
-                    executor_of: Callable[[str], Executor | None] = lambda name: None) -> None:  # fmt: skip
-    """Add `POST /search` to `app` over the loaded runs that can search (see the module docstring)."""
+                    executor_of: Callable[[str], Executor | None] = lambda name: None,
+                    dependencies: list | None = None) -> None:  # fmt: skip
+    """Add `POST /search` to `app` over the loaded runs that can search (see the module docstring); `dependencies`
+    guard it as the app's other endpoints are (the API key)."""
     searchable, unavailable = {}, {}
     for name, loaded in runs.items():
         reason = loaded.task.search_unsupported()
@@ -52,7 +56,9 @@ def register_search(app: FastAPI, runs: dict[str, Any], max_query_chars: int,
                 logger.warning("run %s serves /predict but not /search: %s", name, reason)
         unavailable[name] = reason
 
-    @app.post("/search")
+    statuses = (401, 404, 413, 422, 500) if dependencies else (404, 413, 422, 500)
+
+    @app.post("/search", dependencies=dependencies or [], responses={s: ERRORS[s] for s in statuses})
     async def search(body: SearchRequest) -> Any:
         if not searchable:
             reasons = "; ".join(f"{n}: {reason}" for n, reason in unavailable.items())

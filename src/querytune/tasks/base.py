@@ -136,6 +136,19 @@ class Task(ABC):
     def set_label_info(self, info: dict[str, Any]) -> None:
         self.labels = list(info.get("labels", []))
 
+    def run_files(self, out_dir: Path) -> list[str]:
+        """Files a finished run carries besides the model, so that it loads from any directory or machine (a
+        retrieval run's catalogue); written at the end of training. Their names."""
+        return []
+
+    @classmethod
+    def card_notes(cls, run_dir: Path) -> str:
+        """Markdown the Hub card adds for a run of this task (what it carries and how a teammate uses it)."""
+        return ""
+
+    def loaded_from(self, run_dir: Path) -> None:  # noqa: B027
+        """Called when a saved run or export is loaded (after `set_label_info`): read what `run_files` carried."""
+
     @abstractmethod
     def tokenize(self, splits: DatasetDict, tokenizer) -> DatasetDict:
         """Model inputs per split, unpadded (the collator pads per batch)."""

@@ -22,6 +22,13 @@ NEGATIVE_SOURCES = ("bm25", "dense", "mixed")
 class RankingArguments:
     """Relevance grades, the rerank objective and negatives, retrieval, the catalogue and the by-query split."""
 
+    paths: ClassVar[tuple[str, ...]] = (
+        "rerank_retrieval_run",
+        "retrieval_teacher",
+        "catalogue_file",
+        "catalogue_cache_dir",
+    )  # local paths: saved resolved, so a run loads anywhere
+
     section: ClassVar[str] = "ranking"
 
     document_id_column: str | None = field(

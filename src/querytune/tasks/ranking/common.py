@@ -122,6 +122,24 @@ def write_rankings(path: Path, runs: dict[str, list[tuple[str, float]]], queries
             fh.write(json.dumps({"query": queries.get(q, q), "hits": hits}, ensure_ascii=False) + "\n")
 
 
+CATALOGUE_FILE = (
+    "catalogue.jsonl"  # a run (and an export) carries the catalogue it searches: one {"id", "text"} a line
+)
+
+
+def write_catalogue(path: Path, catalogue: dict[str, str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as fh:
+        for d, t in catalogue.items():
+            fh.write(json.dumps({"id": d, "text": t}, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def read_carried_catalogue(path: Path) -> dict[str, str]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+    return {r["id"]: r["text"] for r in rows}
+
+
 class RankingTask(Task):
     """What rerank and retrieval share: query-grouped data, the catalogue and the evaluation split."""
 
@@ -137,6 +155,32 @@ class RankingTask(Task):
     def __init__(self, config) -> None:
         super().__init__(config)
         self.data: RankingData | None = None
+        self.carried: Path | None = None  # the catalogue a loaded run carries (`catalogue.jsonl`)
+
+    def run_files(self, out_dir: Path) -> list[str]:
+        """The catalogue the run searched at training time, so that it searches it from any directory or machine."""
+        if self.data is None:
+            return []
+        write_catalogue(out_dir / CATALOGUE_FILE, self.data.catalogue)
+        return [CATALOGUE_FILE]
+
+    @classmethod
+    def card_notes(cls, run_dir: Path) -> str:
+        path = Path(run_dir) / CATALOGUE_FILE
+        if not path.is_file():
+            return ""
+        count = sum(1 for line in path.read_text().splitlines() if line.strip())
+        return (
+            f'\n## Catalogue\n\nThe run searches the {count:,} products of `{CATALOGUE_FILE}` (one `{{"id", '
+            f'"text"}}` a line), which travels with it: `querytune predict RUN_DIR "query"` and `querytune '
+            f"serve RUN_DIR` search it on any machine."
+            + (" `--catalogue FILE` searches another." if "catalogue" in {i.name for i in cls.request_inputs} else "")
+            + "\n"
+        )
+
+    def loaded_from(self, run_dir: Path) -> None:
+        if (Path(run_dir) / CATALOGUE_FILE).is_file():
+            self.carried = Path(run_dir) / CATALOGUE_FILE
 
     @property
     def args(self) -> RankingArguments:
@@ -164,6 +208,10 @@ class RankingTask(Task):
     def _catalogue(self, catalogue: str | None = None) -> dict[str, str]:
         if catalogue:
             return read_catalogue(catalogue, self.config.data, self.args)
+        if self.data is None and self.carried is not None:  # a loaded run: the catalogue it carries
+            if getattr(self, "_carried_catalogue", None) is None:
+                self._carried_catalogue = read_carried_catalogue(self.carried)
+            return self._carried_catalogue
         if self.data is None:
             self.data = load_ranking_data(self.config.data, self.args, self.config.training.seed)
         return self.data.catalogue

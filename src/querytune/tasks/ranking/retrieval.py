@@ -38,7 +38,15 @@ from querytune.data import DataError
 from querytune.progress import progress
 from querytune.tasks.base import length_batches
 from querytune.tasks.ranking.args import RETRIEVAL_INPUTS
-from querytune.tasks.ranking.common import RankingTask, model_fingerprint, ranking_metrics, write_rankings
+from querytune.tasks.ranking.common import (
+    CATALOGUE_FILE,
+    RankingTask,
+    model_fingerprint,
+    ranking_metrics,
+    read_carried_catalogue,
+    write_catalogue,
+    write_rankings,
+)
 from querytune.tasks.ranking.data import first_query_texts, qrels
 from querytune.tasks.ranking.fusion import FUSION_FILE, choose_fusion, fuse, load_fusion, save_fusion
 from querytune.tasks.ranking.index import ExactIndex, FaissIndex, build_index, index_cache_path
@@ -47,7 +55,6 @@ from querytune.tasks.ranking.negatives import MiningCallback, NegativeMiner, Que
 
 logger = logging.getLogger(__name__)
 
-CATALOGUE_FILE = "catalogue.jsonl"
 EMBEDDINGS_FILE = "catalogue_embeddings.npy"
 INDEX_FILE = "catalogue.faiss"
 Ranked = list[tuple[str, float]]
@@ -426,9 +433,9 @@ class RetrievalTask(RankingTask):
         if self._state is not None:
             return self._state
         args, folder = self.args, Path(run.run_dir)
-        if (folder / CATALOGUE_FILE).is_file():  # an export carries its catalogue and embeddings
-            rows = [json.loads(line) for line in (folder / CATALOGUE_FILE).read_text().splitlines() if line]
-            catalogue = {r["id"]: r["text"] for r in rows}
+        if (folder / EMBEDDINGS_FILE).is_file() or (run.is_export and (folder / CATALOGUE_FILE).is_file()):
+            # an export carries its catalogue and embeddings
+            catalogue = read_carried_catalogue(folder / CATALOGUE_FILE)
             emb = np.load(folder / EMBEDDINGS_FILE) if (folder / EMBEDDINGS_FILE).is_file() else None
             index = None
             if emb is not None and args.retrieval_index == "faiss":
@@ -505,9 +512,7 @@ class RetrievalTask(RankingTask):
         state = self.search_state(run)
         if state.embeddings is None:  # a bm25-mode run: its query encoder is exported and verified all the same
             state.embeddings, state.index = self._index(run.model, run.tokenizer, state.catalogue, 128)
-        with (out_dir / CATALOGUE_FILE).open("w") as fh:
-            for d, t in state.catalogue.items():
-                fh.write(json.dumps({"id": d, "text": t}, ensure_ascii=False) + "\n")
+        write_catalogue(out_dir / CATALOGUE_FILE, state.catalogue)
         written = [CATALOGUE_FILE]
         if state.embeddings is not None:
             np.save(out_dir / EMBEDDINGS_FILE, state.embeddings)
