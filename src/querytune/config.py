@@ -247,8 +247,8 @@ class QueryTrainingArguments(Seq2SeqTrainingArguments):
     min_train_steps: int | None = field(
         default=None,
         metadata={"help": "Train at least this many optimizer steps: when num_train_epochs would make fewer (a small "
-                  "train set), the epochs are raised to reach it (warm-up, a fraction, scales with them). Ignored "
-                  "with max_steps."},
+                  "train set), the run trains exactly this many (the last epoch may be partial; warm-up, a "
+                  "fraction, scales with them). Ignored with max_steps."},
     )  # fmt: skip
     early_stopping_patience: int | None = field(
         default=None, metadata={"help": "Stop after N evaluations without improvement (needs metric_for_best_model)."}

@@ -197,11 +197,12 @@ def run(config: ExperimentConfig, callbacks: list[TrainerCallback] | None = None
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.num_train_epochs)
     check_steps(total_steps, len(encoded["train"]), config)
     if args.max_steps <= 0 and args.min_train_steps and total_steps < args.min_train_steps:
-        epochs = math.ceil(args.min_train_steps / steps_per_epoch)
-        logger.info("min_train_steps %d: %d train rows make %d steps in %g epochs; training %d epochs (%d steps)",
-                    args.min_train_steps, len(encoded["train"]), total_steps, args.num_train_epochs, epochs,
-                    epochs * steps_per_epoch)  # fmt: skip
-        args.num_train_epochs, total_steps = epochs, epochs * steps_per_epoch
+        # exactly the floor (the last epoch may be partial), so that sets of different sizes under it get equal steps
+        logger.info("min_train_steps %d: %d train rows make %d steps in %g epochs; training %d steps (%.1f epochs)",
+                    args.min_train_steps, len(encoded["train"]), total_steps, args.num_train_epochs,
+                    args.min_train_steps, args.min_train_steps / steps_per_epoch)  # fmt: skip
+        args.max_steps = total_steps = args.min_train_steps
+        args.num_train_epochs = args.min_train_steps / steps_per_epoch
     model, new_modules = task.load_model()
     # These models return a per-process mean loss although their forward takes **kwargs; without this Trainer
     # rescales the loss by world size and accumulation steps (see NOTES.md).
