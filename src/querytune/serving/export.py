@@ -35,6 +35,7 @@ import torch
 
 from querytune import __version__
 from querytune.errors import ExportError
+from querytune.extras import require_extra
 from querytune.inference import LoadedRun
 from querytune.methods import get_method
 from querytune.methods.builders import merge_peft_model
@@ -176,6 +177,8 @@ def export_run(
         raise ExportError(f"unknown attention fusion {attention!r}; use one of {', '.join(ATTENTION_FUSIONS)}")
     if quantization is not None and quantize is None:
         raise ExportError("--quantization names an int8 setting: it needs --quantize int8")
+    if fmt == "onnx":  # before any work: torch.onnx, the fusions and the verification need the whole stack
+        require_extra("export", "querytune export --format onnx")
     setting = quant_setting(quantization or DEFAULT_QUANT) if quantize == "int8" else None
     start = time.perf_counter()
     run_dir = Path(run_dir)

@@ -41,10 +41,10 @@ Ranked = list[tuple[str, float]]
 
 
 def _ranx():
-    os.environ.setdefault("NUMBA_CACHE_DIR", str(Path("~/.cache/querytune/numba").expanduser()))
-    import ranx
+    from querytune.extras import require
 
-    return ranx
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(Path("~/.cache/querytune/numba").expanduser()))
+    return require("ranx", extra="search", feature="fusion (hybrid retrieval, rerank_interpolation)")
 
 
 def ranx_qrels(judged: dict[str, dict[str, float]], gain_offset: float) -> dict[str, dict[str, int]]:

@@ -55,7 +55,9 @@ class FaissIndex:
 
     def __init__(self, doc_emb: np.ndarray, factory: str = "HNSW32", params: str = "",
                  cache_path: Path | None = None, seed: int = 0) -> None:  # fmt: skip
-        import faiss
+        from querytune.extras import require
+
+        faiss = require("faiss", extra="search", feature="retrieval_index faiss")
 
         self.factory, self.params = factory, params
         emb = np.ascontiguousarray(doc_emb, dtype=np.float32)

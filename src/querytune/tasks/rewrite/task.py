@@ -37,6 +37,7 @@ from transformers import (
 )
 
 from querytune.data import DataError, sample
+from querytune.extras import require
 from querytune.methods.registry import get_method
 from querytune.metrics import load_metric
 from querytune.models import ModelError, _new_modules, load_pretrained, load_tokenizer, resolve_model_path
@@ -86,6 +87,8 @@ class RewriteTask(Task):
 
     def __init__(self, config) -> None:
         super().__init__(config)
+        for module in ("rouge_score", "sacrebleu"):  # the metric (metrics/rewrite): fail before training, not after
+            require(module, extra="rewrite", feature="task rewrite")
         self.encoder_decoder = is_encoder_decoder(config)
         method = get_method(config.method.method)
         if self.args.rewrite_warm_start_decoder and method.prompt_learning:
