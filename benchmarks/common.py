@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -107,3 +108,51 @@ def cpu_slot(lock: str = os.environ.get("QUERYTUNE_CPU_LOCK", "/tmp/querytune-cp
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def tree_rss_mb(root: int) -> float:
+    """Resident memory of `root` and all its descendants, MB (from /proc)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            pid, ppid = int(entry), int(fields[1])
+            rss[pid] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+            children.setdefault(ppid, []).append(pid)
+        except (OSError, IndexError, ValueError):
+            continue
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo.extend(children.get(pid, []))
+    return total / 2**20
+
+
+def timed(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, float]:
+    """Run `cmd`; its wall seconds and the peak resident memory of its process tree (MB)."""
+    peak = 0.0
+    with log.open("w") as fh:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        stop = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not stop.is_set():
+                peak = max(peak, tree_rss_mb(proc.pid))
+                stop.wait(0.1)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        code = proc.wait()
+        wall = time.perf_counter() - start
+        stop.set()
+        sampler.join()
+    if code != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])}... failed (exit {code}); see {log}")
+    return wall, peak

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import logging
 import os
@@ -79,15 +80,9 @@ def positive_float(text: str) -> float:
 
 
 def _read_queries(args: argparse.Namespace) -> list[str]:
-    """Queries from the arguments, --file and stdin (blank lines of a file or stdin are skipped); each is checked as
-    the server checks it: an empty, whitespace-only or unprintable query is an error naming it."""
+    """Queries from the arguments, else stdin (blank lines skipped); each is checked as the server checks it: an
+    empty, whitespace-only or unprintable query is an error naming it. (`--file` is streamed: `_predict_file`.)"""
     queries = [(f"query {i + 1}", q) for i, q in enumerate(args.queries)]
-    if args.file:
-        path = Path(args.file)
-        if not path.is_file():
-            raise FileNotFoundError(f"query file not found: {path}")
-        lines = path.read_text().splitlines()
-        queries += [(f"{path} line {n}", line.strip()) for n, line in enumerate(lines, 1) if line.strip()]
     if not queries and not sys.stdin.isatty():
         queries = [(f"stdin line {n}", line.strip()) for n, line in enumerate(sys.stdin, 1) if line.strip()]
     if not queries:
@@ -101,6 +96,10 @@ def _read_queries(args: argparse.Namespace) -> list[str]:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     given = _read_inputs(args)
+    if args.file:
+        return _predict_file(args, given)
+    if args.output:
+        raise ValueError("--output goes with --file (a log scored in chunks)")
     queries = _read_queries(args)
     with stdout_to_stderr():
         from querytune.inference import LoadedRun
@@ -120,6 +119,48 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for result in results:
         print(json.dumps(result, ensure_ascii=False))
     return 0
+
+
+def _predict_file(args: argparse.Namespace, given: dict[str, Any]) -> int:
+    """A query log of any size, streamed chunk by chunk (querytune.scoring): to --output, resuming after what it
+    holds, or to stdout."""
+    from querytune.scoring import score_file
+
+    try:  # results go to the real stdout, while the libraries' noise goes to stderr below
+        stdout = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8")
+    except (OSError, AttributeError, io.UnsupportedOperation):  # stdout is a Python object only (captured, embedded)
+        stdout = _Unclosed(sys.stdout)
+    try:
+        with stdout_to_stderr():
+            from querytune.inference import LoadedRun
+
+            loaded = LoadedRun(args.run_dir, merge=not args.no_merge, trust_remote_code=args.trust_remote_code,
+                               allow_status=args.allow_status)  # fmt: skip
+            head = _read_queries(args) if args.queries else []  # queries given as arguments come first
+            counts = score_file(loaded, args.file, args.output, args.chunk_size, args.column, args.top_k,
+                                args.batch_size, stream=stdout, head=head, **given)  # fmt: skip
+            if args.output:
+                logger.warning("%s: %d queries scored, %d already there from an earlier run", args.output,
+                               counts["scored"], counts["skipped"])  # fmt: skip
+    finally:
+        stdout.close()
+    return 0
+
+
+class _Unclosed(io.TextIOBase):
+    """`stream` for writing, left open when closed (sys.stdout when it has no file descriptor)."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.flush()
 
 
 def _input_flags(spec) -> list[str]:
@@ -223,7 +264,7 @@ def cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
     from querytune.sweep import run_sweep
 
     summary = run_sweep(args.sweep_file, args.trials, args.output_dir, seed=args.seed, extra_args=overrides,
-                        resume=args.resume)  # fmt: skip
+                        resume=args.resume, storage=args.storage, heartbeat_s=args.heartbeat_s)  # fmt: skip
     best = summary["best"]
     print(json.dumps({"best": best and {k: best[k] for k in ("trial", "value", "params", "run_dir")}}, indent=2))
     return 0
@@ -271,6 +312,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve runs and exports over HTTP until SIGINT/SIGTERM."""
+    from querytune.extras import require_extra
+
+    require_extra("serve", "querytune serve")  # serving.api imports them at module level
     from querytune.serving.api import ServeSettings, serve
 
     api_key = None
@@ -313,11 +357,20 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train an experiment (flags after the file override its keys; --help lists them)", add_help=False
     )
     train.add_argument("rest", nargs=argparse.REMAINDER)
+    launch = sub.add_parser("launch", help="accelerate launch over several machines: a bounded wait for every machine "
+                            "(--join_timeout_s) and one-line errors (--help lists accelerate's flags)", add_help=False)  # fmt: skip
+    launch.add_argument("rest", nargs=argparse.REMAINDER)
 
     predict = sub.add_parser("predict", help="label queries with a finished run (one JSON line per query)")
     predict.add_argument("run_dir")
     predict.add_argument("queries", nargs="*", help="queries (or use --file / stdin)")
-    predict.add_argument("--file", help="a text file with one query per line")
+    predict.add_argument("--file", help="a query log: text (one query per line), JSON lines or parquet; scored in "
+                         "chunks, so of any size")  # fmt: skip
+    predict.add_argument("--output", "-o", help="with --file: JSON lines (.jsonl) or a parquet folder (.parquet); a "
+                         "killed job resumes after what it holds")  # fmt: skip
+    predict.add_argument("--column", default="query", help="with --file: the field of JSON lines / parquet rows")
+    predict.add_argument("--chunk_size", "--chunk-size", type=positive_int, default=10_000,
+                         help="with --file: queries read, scored and written at a time")  # fmt: skip
     predict.add_argument(
         "--top_k",
         "--top-k",
@@ -346,6 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--trials", type=positive_int, default=8)
     sweep.add_argument("--sweep_dir", "--sweep-dir", dest="output_dir", default=None, help="default runs/sweep-<name>")
     sweep.add_argument("--sweep_seed", "--sweep-seed", dest="seed", type=int, default=0, help="sampler seed")
+    sweep.add_argument("--storage", default=None,
+                       help="an Optuna RDB URL shared by several workers (postgresql://user:password@host/db); "
+                       "default: optuna.db (SQLite) in the sweep directory, one process")  # fmt: skip
+    sweep.add_argument("--heartbeat_s", "--heartbeat-s", type=float, default=60.0,
+                       help="with --storage: a worker's trial is failed and run again by another worker after two "
+                       "missed heartbeats of this many seconds")  # fmt: skip
     sweep.add_argument("--resume", action="store_true", help="continue the sweep in --sweep_dir")
 
     report = sub.add_parser("report", help="compare finished runs: Markdown table + PNG chart")
@@ -433,6 +492,10 @@ def main(argv: list[str] | None = None) -> int:
         from querytune.train import main as train_main
 
         return run_guarded(train_main, rest)
+    if argv and argv[0] == "launch":
+        from querytune.launch import main as launch_main
+
+        return run_guarded(launch_main, argv[1:])
     args, overrides = parser.parse_known_args(argv)
     if args.command in ("predict", "push", "report", "export", "serve"):
         if overrides:

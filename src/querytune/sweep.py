@@ -14,21 +14,28 @@ named like a token, key, secret or password) never reach the summary, the study 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import math
+import os
 import re
 import shlex
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so a sweep directory is not locked against a second process
+    fcntl = None
 
 import yaml
 from transformers import TrainerCallback
 
 from querytune.config import ConfigError, load_config
 from querytune.errors import RunError
+from querytune.extras import require
 from querytune.runs import CONFIG_FILE, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -234,6 +241,9 @@ def redact(tokens: list[str]) -> list[str]:
 def _lock(out: Path):
     """One process per sweep directory: an exclusive lock that the OS releases when the process dies."""
     handle = (out / ".sweep.lock").open("w")
+    if fcntl is None:
+        logger.warning("no file locks on this platform: run one `querytune sweep` per directory")
+        return handle
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -262,44 +272,106 @@ def _done(study) -> int:
     return sum(1 for t in study.trials if t.state.is_finished() and not t.user_attrs.get("interrupted"))
 
 
-def run_sweep(path: str | Path, trials: int, output_dir: str | Path | None = None, seed: int = 0,
-              extra_args: list[str] | None = None, resume: bool = False) -> dict[str, Any]:  # fmt: skip
-    """Run trials until `trials` have finished, pruned or failed; returns (and writes) the sweep summary with the
-    best trial and its config. `resume` continues the sweep stored in `output_dir`."""
+def open_storage(url: str, heartbeat_s: float):
+    """An Optuna RDB storage shared by workers (PostgreSQL, MySQL): a worker that dies mid-trial stops beating, its
+    trial is marked failed after two missed beats and run again by another worker (Optuna's
+    `RetryHeartbeatStaleTrialCallback`). A bad URL or a server that does not answer is a `RunError` of one line,
+    within `CONNECT_TIMEOUT_S`."""
     import optuna
+    import sqlalchemy
 
+    try:
+        shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001  (not even a URL: say so below)
+        shown = url.split("@")[-1]
+    engine: dict[str, Any] = {"pool_pre_ping": True}
+    scheme = url.split("://")[0]
+    if scheme in ("postgresql", "postgresql+psycopg"):  # SQLAlchemy 2.1's default PostgreSQL driver: psycopg 3
+        require("psycopg", extra="postgres", feature="--storage postgresql://")
+    if url.startswith("postgresql"):
+        engine["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+    elif url.startswith("mysql"):
+        engine["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+    try:
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.8: no warning per worker
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine, heartbeat_interval=max(1, int(heartbeat_s)),
+                grace_period=max(2, int(2 * heartbeat_s)),
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+            )  # fmt: skip
+    except Exception as err:  # sqlalchemy raises many kinds; the URL (no password) and the first line say it all
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RunError(f"sweep storage {shown}: cannot open it ({type(err).__name__}: {first})") from None
+
+
+CONNECT_TIMEOUT_S = 10  # a database server that does not answer fails the sweep's start within this
+
+
+def _retried(study) -> set[int]:
+    """Numbers of the failed trials another trial ran again (the retry callback's `failed_trial`)."""
+    return {t.system_attrs["failed_trial"] for t in study.get_trials(deepcopy=False)
+            if "failed_trial" in t.system_attrs}  # fmt: skip
+
+
+def _done_shared(study) -> int:
+    """Trials that count towards `--trials` in a shared study: finished, pruned or failed, not run again."""
+    again = _retried(study)
+    return sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished() and t.number not in again
+               and not t.user_attrs.get("interrupted"))  # fmt: skip
+
+
+def run_sweep(path: str | Path, trials: int, output_dir: str | Path | None = None, seed: int = 0,
+              extra_args: list[str] | None = None, resume: bool = False, storage: str | None = None,
+              heartbeat_s: float = 60.0) -> dict[str, Any]:  # fmt: skip
+    """Run trials until `trials` have finished, pruned or failed; returns (and writes) the sweep summary with the
+    best trial and its config. `resume` continues the sweep stored in `output_dir`.
+
+    `storage`: an Optuna RDB URL (`postgresql://user:password@host/db`) that several workers share, on one machine
+    or many: each runs `querytune sweep` with the same file, storage and `--trials`, joins the one study and takes
+    trials until `trials` are done; each trial trains into its own `trial-NNN` directory of the worker's
+    `--sweep_dir`. Without it, the study is `optuna.db` (SQLite) in the sweep directory: one process."""
     from querytune.train import run
+
+    optuna = require("optuna", extra="sweep", feature="querytune sweep")
 
     sweep = load_sweep(path)
     out = Path(output_dir or f"runs/sweep-{sweep.name}")
+    shared = storage is not None and not storage.startswith("sqlite")
     db = out / STUDY_FILE
-    if resume and not db.is_file():
-        raise RunError(f"--resume: no sweep to continue in {out} (no {STUDY_FILE})")
-    if not resume and out.is_dir() and any(out.iterdir()):
-        what = "a sweep" if db.is_file() else "files"
-        raise RunError(f"{out} already holds {what}: continue it with --resume, or choose another --sweep_dir")
+    if not shared:
+        if resume and not db.is_file():
+            raise RunError(f"--resume: no sweep to continue in {out} (no {STUDY_FILE})")
+        if not resume and out.is_dir() and any(out.iterdir()):
+            what = "a sweep" if db.is_file() else "files"
+            raise RunError(f"{out} already holds {what}: continue it with --resume, or choose another --sweep_dir")
     fixed = [*sweep.fixed_args, *(extra_args or [])]
     # Check the experiment and every parameter name up front: a typo must not surface at trial 7.
     probe = {n: (p.get("values") or [p.get("value", p.get("min"))])[0] for n, p in sweep.parameters.items()}
     load_config(sweep.experiment, [*fixed, *_as_flags(probe), "--output_dir", str(out / "probe")])
     out.mkdir(parents=True, exist_ok=True)
-    lock = _lock(out)
+    lock = _lock(out) if not shared else None  # shared storage: workers may share a directory, trial by trial
 
-    storage = f"sqlite:///{db.resolve()}"
     direction = "maximize" if sweep.goal == "maximize" else "minimize"
-    if resume:  # a fresh sampler seed, or a random sweep would draw the first trials' values again
-        seed += len(optuna.load_study(study_name=sweep.name, storage=storage).trials)
+    if shared:
+        store: Any = open_storage(storage, heartbeat_s)
+        seed += os.getpid()  # workers draw differently; the storage hands out trial numbers
+    else:
+        store = storage or f"sqlite:///{db.resolve()}"
+        if resume:  # a fresh sampler seed, or a random sweep would draw the first trials' values again
+            seed += len(optuna.load_study(study_name=sweep.name, storage=store).trials)
     sampler, grid_size = _sampler(sweep, seed)
     study = optuna.create_study(direction=direction, sampler=sampler, pruner=_pruner(sweep), study_name=sweep.name,
-                                storage=storage, load_if_exists=resume)  # fmt: skip
-    if resume:
+                                storage=store, load_if_exists=resume or shared)  # fmt: skip
+    done = _done_shared if shared else _done
+    if resume and not shared:
         interrupted = _close_interrupted(study)
         logger.info("resuming sweep %s in %s: %d trials done, %d interrupted (run again)", sweep.name, out,
                     _done(study), interrupted)  # fmt: skip
     n_trials = min(trials, grid_size) if grid_size else trials
     if grid_size and trials > grid_size:
         logger.warning("grid has %d points; running %d trials, not %d", grid_size, grid_size, trials)
-    remaining = max(0, n_trials - _done(study))
+    remaining = max(0, n_trials - done(study))
 
     def objective(trial) -> float:
         values = suggest(trial, sweep.parameters)
@@ -324,13 +396,22 @@ def run_sweep(path: str | Path, trials: int, output_dir: str | Path | None = Non
             raise optuna.TrialPruned()
         return float(result.metrics[sweep.metric])
 
+    def after_trial(study, trial) -> None:
+        write_summary(study, sweep, out)
+        if shared and done(study) >= n_trials:  # the other workers' trials count too
+            study.stop()
+
     try:
         write_summary(study, sweep, out)
-        study.optimize(objective, n_trials=remaining, catch=(Exception,),
-                       callbacks=[lambda study, trial: write_summary(study, sweep, out)])  # fmt: skip
+        if shared:  # take trials one at a time until the study has its `trials`, whoever ran them
+            while done(study) < n_trials:  # (workers that take the last trials at once may run one or two more)
+                study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[after_trial])
+        elif remaining:
+            study.optimize(objective, n_trials=remaining, catch=(Exception,), callbacks=[after_trial])
         return write_summary(study, sweep, out)
     finally:
-        lock.close()
+        if lock is not None:
+            lock.close()
 
 
 def write_summary(study, sweep: Sweep, out: Path) -> dict[str, Any]:
@@ -343,7 +424,7 @@ def write_summary(study, sweep: Sweep, out: Path) -> dict[str, Any]:
         rows.append({"trial": t.number, "state": t.state.name, "value": t.value, "params": _public(t.params),
                      "intermediate": list(t.intermediate_values.values()), "run_dir": t.user_attrs.get("run_dir"),
                      "command": t.user_attrs.get("command"), "error": t.user_attrs.get("error"),
-                     "retry_of": t.user_attrs.get("retry_of")})  # fmt: skip
+                     "retry_of": t.user_attrs.get("retry_of", t.system_attrs.get("failed_trial"))})  # fmt: skip
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     summary: dict[str, Any] = {"sweep": str(sweep.path), "method": sweep.method, "metric": sweep.metric,
                                "goal": sweep.goal, "trials": rows, "best": None}  # fmt: skip

@@ -20,6 +20,7 @@ from typing import Any
 
 from querytune.config import ExperimentConfig
 from querytune.errors import ConfigError
+from querytune.extras import require
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +52,18 @@ def has_api_key() -> bool:
         return False
 
 
+def check_extra(config: ExperimentConfig) -> None:
+    """Fail before any work (data, model) when the run reports to W&B and the 'tracking' extra is missing."""
+    if wants_wandb(config):
+        require("wandb", extra="tracking", feature="report_to wandb")
+
+
 def start_run(config: ExperimentConfig) -> Any | None:
-    """Start this training's W&B run on the main process (before Trainer, which then reuses it)."""
-    if not wants_wandb(config) or not config.training.should_log:
+    """Start this training's W&B run on the job's first process (before Trainer, which then reuses it): one run per
+    job, not one per machine (TrainingArguments.should_log is true on every machine's first process)."""
+    if not wants_wandb(config) or config.training.process_index != 0:
         return None
-    import wandb
+    wandb = require("wandb", extra="tracking", feature="report_to wandb")
 
     mode = None
     offline_dir = f"{os.environ.get('WANDB_DIR', '.')}/wandb"

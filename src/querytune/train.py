@@ -20,12 +20,16 @@ import json
 import logging
 import math
 import os
-import resource
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+try:
+    import resource
+except ImportError:  # Windows: no getrusage, so a CPU run records no peak memory figure
+    resource = None
 
 import datasets
 import torch
@@ -82,10 +86,13 @@ class ThroughputCallback(TrainerCallback):
         return self.steps * batch / self.step_time if self.step_time else 0.0
 
 
-def peak_memory_mb() -> tuple[float, str]:
-    """Peak accelerator memory allocated by torch, or this process's peak resident memory on CPU."""
+def peak_memory_mb() -> tuple[float | None, str]:
+    """Peak accelerator memory allocated by torch, or this process's peak resident memory on CPU (None where the
+    platform has no `resource` module)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
+    if resource is None:
+        return None, "unavailable"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"
 
 
@@ -191,6 +198,7 @@ class Schedule:
 def prepare_run(config: ExperimentConfig) -> tuple[Path, str | None]:
     """The run directory (its resolved config written first, so that a run killed at any point can be resumed) and
     the checkpoint to resume from: `last` is the newest checkpoint holding every file Trainer and the method write."""
+    tracking.check_extra(config)
     args = config.training
     args.output_dir = sweep_output_dir(args.output_dir)
     out = Path(args.output_dir)
@@ -298,6 +306,11 @@ def make_trainer(config: ExperimentConfig, data: RunData, model: Any, resume: st
         callbacks=callbacks,
         **task.trainer_kwargs(data.tokenizer),
     )
+    # how the job runs (DDP, DEEPSPEED, FSDP, ...), read now: accelerate's state can be reset by the time the run is
+    # saved (a later Accelerator in the same process)
+    trainer.querytune_distributed = {"type": str(trainer.accelerator.distributed_type.value),
+                                     "processes": args.world_size,
+                                     "mixed_precision": str(trainer.accelerator.mixed_precision)}  # fmt: skip
     return trainer, callbacks, wandb_run, hub
 
 
@@ -362,6 +375,7 @@ def finish_run(config: ExperimentConfig, data: RunData, trainer: Trainer, metric
             "peak_memory_kind": peak_memory_mb()[1],
             "global_step": trainer.state.global_step,
             "wall_time_s": time.time() - started,
+            "distributed": getattr(trainer, "querytune_distributed", None),  # how the job ran (DDP, DEEPSPEED, ...)
             "weights": [p.name for p in weights],
             "metrics": {k: v for k, v in metrics.items() if k.startswith(("eval_", "test_"))},
         }
@@ -433,9 +447,43 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `querytune train` and `python -m querytune.train`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     path = argv.pop(0) if argv and not argv[0].startswith("-") else None
-    config = load_config(path, argv)
-    run(config)
+    try:
+        config = load_config(path, argv)
+        run(config)
+    except Exception as err:
+        problem = distributed_failure(err)
+        if problem is None:
+            raise
+        raise RunError(problem) from err
     return 0
+
+
+# What the process group's failures say (gloo, NCCL, the TCP store): a peer gone, or one that never came.
+_PEER_GONE = ("connection closed by peer", "connection reset", "broken pipe", "socket closed", "nccl error",
+              "watchdog caught collective operation timeout", "recv", "send")  # fmt: skip
+_NEVER_JOINED = ("clients joined", "timed out", "timeout", "connect")
+
+
+def distributed_failure(err: BaseException) -> str | None:
+    """One line for a failure of the process group in a multi-process run: which rank this is and why (a rank that
+    died, a machine that never joined within `ddp_timeout`); None for any other error."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    kinds = tuple(getattr(torch.distributed, name) for name in ("DistError", "DistStoreError", "DistNetworkError")
+                  if hasattr(torch.distributed, name))  # fmt: skip
+    text = str(err).strip()
+    lower = text.lower()
+    if world < 2 or not (isinstance(err, kinds) or ("gloo" in lower or "nccl" in lower or "store" in lower)):
+        return None
+    rank, local = os.environ.get("RANK", "?"), os.environ.get("LOCAL_RANK", "?")
+    machine = os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", "?"))
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)[:300]
+    if any(word in lower for word in _PEER_GONE) and "clients joined" not in lower:
+        why = "another process of the job is gone (killed, or failed: see its log)"
+    elif any(word in lower for word in _NEVER_JOINED):
+        why = "not every process joined the process group within ddp_timeout (a machine that never started?)"
+    else:
+        why = "the process group failed"
+    return f"rank {rank} of {world} (machine {machine}, local rank {local}): {why}: {type(err).__name__}: {first}"
 
 
 if __name__ == "__main__":

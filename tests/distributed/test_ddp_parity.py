@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,41 @@ def test_two_processes_match_one(tmp_path, method, no_dropout_bert, tiny_data):
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-5, f"final weights differ by {worst}: processes not synchronised"
+
+
+def test_two_processes_share_the_catalogue_work_of_a_hybrid_retrieval_run(tmp_path, ranking_bert, ranking_data):
+    """Catalogue encoding (by chunks) and the evaluation queries (by shares) split across 2 ranks: each rank encodes
+    about half of the catalogue, and the metrics, fusion and rankings equal the 1-process run's."""
+    from querytune.tasks.ranking.fusion import FUSION_FILE
+
+    from ..conftest import ranking_experiment
+
+    exp = ranking_experiment(tmp_path, ranking_bert, ranking_data, "retrieval", max_steps=2, learning_rate=0.0,
+                             retrieval_mode="hybrid", catalogue_chunk_rows=16, log_level="info",
+                             log_level_replica="info")  # fmt: skip
+    module = [sys.executable, "-m", "querytune.train", str(exp)]
+    runs = {}
+    for name, cmd in {"single": module, "ddp": [sys.executable, "-m", "querytune.launch", "--config_file",
+                      str(REPO / "accelerate_configs/multi_cpu.yaml"), *module[1:]]}.items():  # fmt: skip
+        runs[name] = _train([*cmd, "--output_dir", str(tmp_path / name), "--catalogue_cache_dir",
+                             str(tmp_path / f"cache_{name}")], tmp_path, name)  # fmt: skip
+    one, two = (json.loads((runs[n] / "all_results.json").read_text()) for n in ("single", "ddp"))
+    assert two["world_size"] == 2
+    # the catalogue metrics must be equal; the in-batch contrastive loss is not compared: its negatives are the
+    # other rows of the batch, and batches differ with the number of processes
+    keys = [k for k in one if k.startswith(("test_", "eval_")) and not k.endswith(("runtime", "per_second", "_loss"))]
+    assert any("ndcg" in k for k in keys) and any("bm25_" in k for k in keys), keys
+    assert {k: two[k] for k in keys} == pytest.approx({k: one[k] for k in keys}, abs=1e-6)
+    assert (runs["ddp"] / FUSION_FILE).read_text() == (runs["single"] / FUSION_FILE).read_text()
+    ranked = {n: [json.loads(line) for line in (runs[n] / "test_rankings.jsonl").read_text().splitlines()]
+              for n in ("single", "ddp")}  # fmt: skip
+    assert [r["query"] for r in ranked["ddp"]] == [r["query"] for r in ranked["single"]]
+    for one_q, two_q in zip(ranked["single"], ranked["ddp"], strict=True):  # same products, same order
+        assert [h["doc_id"] for h in two_q["hits"]] == [h["doc_id"] for h in one_q["hits"]], one_q["query"]
+        assert [h["score"] for h in two_q["hits"]] == pytest.approx([h["score"] for h in one_q["hits"]], abs=1e-4)
+
+    log = (tmp_path / "ddp.log").read_text()
+    shares = [re.search(rf"encoding (\d+) of (\d+) rows in \d+ chunks \(rank {r} of 2\)", log) for r in (0, 1)]
+    assert all(shares), log[-3000:]
+    encoded, total = [int(m[1]) for m in shares], int(shares[0][2])
+    assert sum(encoded) == total and max(encoded) <= total // 2 + 16, (encoded, total)

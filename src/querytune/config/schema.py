@@ -249,6 +249,12 @@ class QueryTrainingArguments(Seq2SeqTrainingArguments):
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow training into a non-empty output_dir (a finished run is replaced)."}
     )
+    ddp_timeout: int = field(
+        default=600,
+        metadata={"help": "Seconds a process of a multi-process job waits for the others (to join the process group, "
+                  "or in a collective) before it stops with one line saying which rank it is and why (torch's own "
+                  "default is 1800)."},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.output_dir is None:

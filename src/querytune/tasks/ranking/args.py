@@ -166,6 +166,12 @@ class RankingArguments:
         metadata={"help": "retrieval: where catalogue embeddings are cached by model weights and catalogue "
                   "(default ~/.cache/querytune/catalogue)."},
     )  # fmt: skip
+    catalogue_chunk_rows: int = field(
+        default=65536,
+        metadata={"help": "retrieval: catalogue rows encoded at a time, each chunk written to the cache file as it "
+                  "finishes, so memory stays at one chunk and a killed job resumes at the next chunk; under N "
+                  "processes the chunks are shared among them."},
+    )  # fmt: skip
     ranking_split_seed: int = field(
         default=0,
         metadata={"help": "rerank / retrieval: salt of the by-query hash split used when the dataset has no "
@@ -203,7 +209,7 @@ class RankingArguments:
             raise ValueError("rerank_interpolation fuses a first stage's scores with the cross-encoder's: "
                              "rerank_first_stage judged has none (use bm25, dense or hybrid)")  # fmt: skip
         for name in ("retrieval_top_k", "max_train_queries", "max_eval_queries", "retrieval_fusion_depth",
-                     "retrieval_negative_depth"):  # fmt: skip
+                     "retrieval_negative_depth", "catalogue_chunk_rows"):  # fmt: skip
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")

@@ -22,12 +22,14 @@ from datasets import Dataset, DatasetDict
 from transformers import Trainer
 
 from querytune.data import DataError
+from querytune.extras import require
 from querytune.metrics import load_metric
 from querytune.progress import progress
 from querytune.tasks.base import Task, length_batches
 from querytune.tasks.ranking.args import RankingArguments
 from querytune.tasks.ranking.bm25 import BM25Index
 from querytune.tasks.ranking.data import RankingData, load_ranking_data, read_catalogue
+from querytune.tasks.ranking.fusion import _ranx
 
 logger = logging.getLogger(__name__)
 
@@ -151,9 +153,16 @@ class RankingTask(Task):
     }
     report_columns = [("ndcg@10", "nDCG@10 %", 100.0), ("mrr@10", "MRR@10 %", 100.0),
                       ("recall@100", "R@100 %", 100.0)]  # fmt: skip
+    # Whether every process takes part in the catalogue metrics (sharding the work) or only the first one.
+    shares_catalogue_work = False
 
     def __init__(self, config) -> None:
         super().__init__(config)
+        a = self.args  # the 'search' extra: checked here, before training, not when the validation stage needs it
+        if a is not None and ("hybrid" in (a.retrieval_mode, a.rerank_first_stage) or a.rerank_interpolation):
+            _ranx()  # sets NUMBA_CACHE_DIR before numba is imported
+        if a is not None and a.retrieval_index == "faiss":
+            require("faiss", extra="search", feature="retrieval_index faiss")
         self.data: RankingData | None = None
         self.carried: Path | None = None  # the catalogue a loaded run carries (`catalogue.jsonl`)
 
@@ -224,7 +233,7 @@ class RankingTask(Task):
         """The split's Trainer metrics, plus the catalogue search / rerank metrics on the catalogue role."""
         prefix = "eval" if role == "validation" else "test"
         metrics = self.split_metrics(trainer, dataset, prefix)
-        if role == self.catalogue_role() and trainer.is_world_process_zero():
+        if role == self.catalogue_role() and (self.shares_catalogue_work or trainer.is_world_process_zero()):
             found = self.catalogue_metrics(trainer.model, trainer.processing_class, self.data.splits[role], out_dir,
                                            role, trainer.args.per_device_eval_batch_size)  # fmt: skip
             metrics.update({f"{prefix}_{k}": v for k, v in found.items()})

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from transformers import AutoModel, EvalPrediction, Trainer
 
 from querytune.data import DataError
 from querytune.progress import progress
+from querytune.shards import encode_to_file, sharded_map, world
 from querytune.tasks.base import length_batches
 from querytune.tasks.ranking.args import RETRIEVAL_INPUTS
 from querytune.tasks.ranking.common import (
@@ -101,20 +101,18 @@ def _cache_folder(cache_dir: str | None) -> Path:
 
 
 def catalogue_embeddings(model, tokenizer, doc_ids: list[str], texts: list[str], max_length: int,
-                         cache_dir: str | None, batch_size: int = 128,
-                         key: str | None = None) -> np.ndarray:  # fmt: skip
-    """Embeddings of the catalogue, cached by model weights, max_length and catalogue content."""
+                         cache_dir: str | None, batch_size: int = 128, key: str | None = None,
+                         chunk_rows: int = 65536) -> np.ndarray:  # fmt: skip
+    """Embeddings of the catalogue (memory-mapped), cached by model weights, max_length and catalogue content.
+
+    Encoded `chunk_rows` at a time straight into the cache file (a killed job resumes at the next chunk); under N
+    processes the chunks are shared among them and each ends with the whole matrix (`querytune.shards`).
+    """
     path = _cache_folder(cache_dir) / f"{key or catalogue_key(model, doc_ids, texts, max_length)}.npy"
     if path.is_file():
         logger.info("catalogue embeddings from cache %s", path)
-        return np.load(path)
-    logger.info("encoding the catalogue: %d documents", len(texts))
-    emb = embed_texts(model, tokenizer, texts, max_length, batch_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, emb)
-    tmp.replace(path)
-    return emb
+    return encode_to_file(lambda chunk: embed_texts(model, tokenizer, chunk, max_length, batch_size), texts, path,
+                          chunk_rows)  # fmt: skip
 
 
 # --- training
@@ -243,6 +241,7 @@ class RetrievalTask(RankingTask):
     pipeline_tag = "sentence-similarity"
     card_tags = ("bi-encoder", "retrieval", "feature-extraction")
     request_inputs = RETRIEVAL_INPUTS
+    shares_catalogue_work = True  # catalogue encoding and query search split across the processes of a job
     default_top_k = 10
 
     def __init__(self, config) -> None:
@@ -336,7 +335,7 @@ class RetrievalTask(RankingTask):
     def evaluate_trained(self, trainer: Trainer, dataset, role: str, out_dir: Path) -> dict[str, float]:
         """The loss, then (hybrid) the fusion chosen on the validation queries, then the catalogue metrics."""
         metrics = {}
-        if role == "validation" and self.args.retrieval_mode == "hybrid" and trainer.is_world_process_zero():
+        if role == "validation" and self.args.retrieval_mode == "hybrid":  # every rank: the work is shared
             record = self.choose_fusion(trainer.model, trainer.processing_class, out_dir,
                                         trainer.args.per_device_eval_batch_size)  # fmt: skip
             metrics["eval_fusion_ndcg@10"] = record["validation_ndcg@10"]
@@ -349,7 +348,7 @@ class RetrievalTask(RankingTask):
         doc_ids, texts = list(catalogue), list(catalogue.values())
         key = catalogue_key(model, doc_ids, texts, self.config.model.max_seq_length)
         emb = catalogue_embeddings(model, tokenizer, doc_ids, texts, self.config.model.max_length(tokenizer),
-                                   args.catalogue_cache_dir, batch_size, key=key)  # fmt: skip
+                                   args.catalogue_cache_dir, batch_size, key, args.catalogue_chunk_rows)  # fmt: skip
         cache = index_cache_path(_cache_folder(args.catalogue_cache_dir), key, args.retrieval_faiss_factory)
         return emb, build_index(emb, args.retrieval_index, args.retrieval_faiss_factory, args.retrieval_faiss_params,
                                 cache)  # fmt: skip
@@ -364,15 +363,30 @@ class RetrievalTask(RankingTask):
     def rank(self, model, tokenizer, queries: list[str], catalogue: dict[str, str], k: int, mode: str,
              index=None, fusion: dict[str, Any] | None = None,
              batch_size: int = 128) -> tuple[list[Ranked], dict[str, list[Ranked]]]:  # fmt: skip
-        """Each query's top k in `mode`, and (hybrid) the two runs that were fused, at the fusion depth."""
+        """Each query's top k in `mode`, and (hybrid) the two runs that were fused, at the fusion depth.
+
+        Under N processes every rank searches its share of the queries and all get every ranking (`sharded_map`).
+        """
+        if mode != "bm25" and index is None:
+            index = self._index(model, tokenizer, catalogue, batch_size)[1]
+        if mode == "hybrid" and fusion is None:
+            raise ValueError("hybrid retrieval needs a fusion record (chosen on validation queries)")
+
+        def local(part: list[str]) -> list[tuple[Ranked, dict[str, Ranked]]]:
+            hits, runs = self._rank_here(model, tokenizer, part, catalogue, k, mode, index, fusion, batch_size)
+            return [(h, {name: run[i] for name, run in runs.items()}) for i, h in enumerate(hits)]
+
+        rows = sharded_map(local, queries)
+        names = list(rows[0][1]) if rows else []
+        return [hits for hits, _ in rows], {name: [runs[name] for _, runs in rows] for name in names}
+
+    def _rank_here(self, model, tokenizer, queries: list[str], catalogue: dict[str, str], k: int, mode: str, index,
+                   fusion: dict[str, Any] | None, batch_size: int) -> tuple[list[Ranked], dict[str, list[Ranked]]]:  # fmt: skip
+        """`rank` for the queries this process searches."""
         if mode == "bm25":
             return self._bm25(catalogue).search(queries, k), {}
-        if index is None:
-            index = self._index(model, tokenizer, catalogue, batch_size)[1]
         if mode == "dense":
             return self._dense(model, tokenizer, queries, list(catalogue), index, k, batch_size), {}
-        if fusion is None:
-            raise ValueError("hybrid retrieval needs a fusion record (chosen on validation queries)")
         depth = max(k, fusion.get("depth") or self.args.retrieval_fusion_depth or self.args.retrieval_top_k)
         parts = {"bm25": self._bm25(catalogue).search(queries, depth),
                  "dense": self._dense(model, tokenizer, queries, list(catalogue), index, depth, batch_size)}  # fmt: skip
@@ -397,13 +411,14 @@ class RetrievalTask(RankingTask):
         catalogue = self._catalogue()
         index = self._index(model, tokenizer, catalogue, batch_size)[1]
         queries = [texts[q] for q in ids]
-        bm25 = self._bm25(catalogue).search(queries, depth)
-        dense = self._dense(model, tokenizer, queries, list(catalogue), index, depth, batch_size)
+        bm25 = sharded_map(lambda part: self._bm25(catalogue).search(part, depth), queries)
+        dense = sharded_map(lambda part: self._dense(model, tokenizer, part, list(catalogue), index, depth, batch_size),
+                            queries)  # fmt: skip
         record = choose_fusion(judged, dict(zip(ids, bm25, strict=True)), dict(zip(ids, dense, strict=True)),
                                self.args.relevance_gain_offset, self.args.retrieval_fusion, depth)  # fmt: skip
         record["chosen_on"] = "validation"
         self.fusion = record
-        if out_dir is not None:
+        if out_dir is not None and world()[0] == 0:
             save_fusion(Path(out_dir) / FUSION_FILE, record)
         return record
 
@@ -419,7 +434,8 @@ class RetrievalTask(RankingTask):
         hits, parts = self.rank(model, tokenizer, [queries[q] for q in ids], catalogue, k, mode,
                                 fusion=self.fusion, batch_size=batch_size)  # fmt: skip
         runs = dict(zip(ids, hits, strict=True))
-        write_rankings(out_dir / f"{role}_rankings.jsonl", runs, queries, catalogue, judged)
+        if world()[0] == 0:
+            write_rankings(out_dir / f"{role}_rankings.jsonl", runs, queries, catalogue, judged)
         recall = tuple(sorted({10, k}))
         metrics = ranking_metrics(runs, judged, self.args, recall_k=recall)
         for name, part in parts.items():
