@@ -180,7 +180,9 @@ def write_table(args: argparse.Namespace, rows: list[dict]) -> None:
         "# CLINC150 time to accuracy (all-MiniLM-L6-v2, full fine-tuning)",
         "",
         f"Measured by `python benchmarks/clinc150_speed.py` on: {machine_description()}"
-        f"{'; ' + args.device_note if args.device_note else ''}.",
+        f"{'; ' + args.device_note if args.device_note else ''}. The commit is the checkout when the table was last "
+        "written; each row is saved when it finishes and reused by later invocations, and the commit each row was "
+        "trained at is not saved with it.",
         "",
         f"Target: {args.target:.1f}% in-scope accuracy on the CLINC150 test split (4,500 in-scope queries). "
         "`train s to X` is training time only, up to the end of the first epoch that reached X "

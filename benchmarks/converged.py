@@ -145,7 +145,9 @@ def write_table(out: Path, rows: list[dict[str, Any]], oos_tables: dict[str, lis
     lines = [
         "# Converged intent and joint intent + slot runs (all-MiniLM-L6-v2)",
         "",
-        f"Measured by `python benchmarks/converged.py` on: {machine_description()}.",
+        f"Measured by `python benchmarks/converged.py` on: {machine_description()}. The commit is the checkout when "
+        "the tables were last written; finished rows are reused by later invocations, and the commit each row was "
+        "trained at is not saved with it" + ("; the notes below name each row's." if note else "."),
         "",
         "Every row trains an experiment file as written (`experiments/...`), pointed at `../shared/data` by "
         "override, one training at a time. `epochs` is the schedule; `best` the epoch the checkpoint kept "

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Run benchmarks/clinc150_speed.py on a lent GPU machine (issue 17), from a carried folder .gpu/ (git-ignored):
+# Run benchmarks/clinc150_speed.py on a lent GPU machine, from a carried folder .gpu/ (git-ignored):
 #   .gpu/wheels/    py3.12 wheels the device image lacks or has older: transformers 5.23, peft 0.21.2, datasets 5.2,
 #                   evaluate, huggingface_hub 2.4 and their small deps (pip download --python-version 3.12 --no-deps ...)
 #   .gpu/minilm/    all-MiniLM-L6-v2 config + tokenizer, weights saved as fp16 and xz-compressed (the carry limit is 64 MiB)
@@ -20,6 +20,6 @@ cp .gpu/clinc150/* $W/clinc150/; xz -df $W/clinc150/*.xz
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
 python benchmarks/clinc150_speed.py --recipes ${RECIPES:-gpu-bf16-b32-lr2e-4-e5 gpu-bf16-b128-lr4e-4-e6 gpu-bf16-b256-lr8e-4-e8} \
   --data $W/clinc150 --runs $W/runs --out $OUT/clinc150_speed_gpu.md --force_load \
-  --device_note "${NOTE:-one NVIDIA H200 (lent GPU), MiniLM weights carried as fp16 and cast back to fp32}" \
+  --device_note "${NOTE:-one NVIDIA H200, MiniLM weights stored as fp16 and cast back to fp32}" \
   --extra --model_name_or_path $W/minilm "$@" 2>&1 | tee $OUT/log.txt | grep -v -E "Warning|warn|^\s*$" | tail -60
 cp $W/runs/*.json $OUT/ 2>/dev/null || true

@@ -1,6 +1,6 @@
 """Approximate nearest-neighbour search for large catalogues: faiss HNSW and IVF against exact search.
 
-    python benchmarks/faiss_index.py                          # 1M synthetic 384-d vectors (the lead's run)
+    python benchmarks/faiss_index.py                          # 1M synthetic 384-d vectors (faiss_index.md)
     python benchmarks/faiss_index.py --n 20000 --queries 200  # smoke test
     python benchmarks/faiss_index.py --vectors emb.npy         # real catalogue embeddings instead
 

@@ -1,6 +1,6 @@
 """Home Depot product search on ALL test queries against the whole catalogue: BM25, zero-shot MiniLM, today's
 bi-encoder and cross-encoder, the new bi-encoder (mined negatives, distillation from the cross-encoder), hybrid
-(BM25 + dense, fusion chosen on validation) and hybrid + cross-encoder rerank; with the targets of issue 18.
+(BM25 + dense, fusion chosen on validation) and hybrid + cross-encoder rerank; with their targets.
 
     python benchmarks/homedepot_search.py                          # the full benchmark (hours on 2 CPU cores)
     python benchmarks/homedepot_search.py --smoke                  # a few queries, a 2,000-product catalogue
@@ -65,7 +65,7 @@ ROWS: dict[str, dict] = {  # fmt: skip
                             "(rerank_interpolation: fusion chosen on validation)", "kind": "eval", "interpolate": True,
                             "needs": ["cross-encoder", "bi-encoder-distilled"]},  # fmt: skip
 }  # fmt: skip
-TARGETS = [  # (row, metric, target or another row, what issue 18 asks)
+TARGETS = [  # (row, metric, target or another row, what the target says)
     ("bi-encoder-distilled", "ndcg@10", "bm25", "fine-tuned bi-encoder alone >= BM25 on the same queries"),
     ("hybrid", "ndcg@10", 0.40, "hybrid nDCG@10 >= 0.40"),
     ("hybrid", "recall@100", 0.85, "hybrid R@100 >= 0.85"),
@@ -223,11 +223,22 @@ def targets(rows: dict[str, dict]) -> list[str]:
 def write_table(args: argparse.Namespace, rows: dict[str, dict], header: dict) -> None:
     head = ["row", "system", "nDCG@10", "nDCG@5", "MRR@10", "MAP", "R@10", "R@100", "test queries", "CPU s",
             "wall s", "load before / after", "notes"]  # fmt: skip
+    shown = [n for n in ROWS if n in rows]
+    reused = [n for n in shown if n in header.get("reused", ())]
+    made_by = (
+        ""
+        if not reused
+        else " Every row was made by an earlier invocation"
+        if reused == shown
+        else f" Rows {', '.join(reused)} were made by earlier invocations"
+    )
+    if made_by:  # the saved rows do not record their command and commit: the notes name them
+        made_by += ", each at its own commit; the notes below give each row's command and commit."
     lines = [
         "# Home Depot product search: all test queries, whole catalogue (all-MiniLM-L6-v2)",
         "",
         f"Measured by `python benchmarks/homedepot_search.py {' '.join(sys.argv[1:])}` on {header['machine']}"
-        f"{header['commit']}. {header['sizes']}",
+        f"{header['commit']}. {header['sizes']}{made_by}",
         "",
         "nDCG uses graded gain `relevance - 1` (unjudged products: 0); MRR, MAP and recall count `relevance >= 2.5` "
         "as relevant (queries without such a product are left out of them). **The judgement pool came from a "
@@ -256,7 +267,7 @@ def write_table(args: argparse.Namespace, rows: dict[str, dict], header: dict) -
                  _fmt(r.get("cpu_s"), 0), _fmt(r.get("wall_s"), 0),
                  f"{r['load_before']:.1f} / {r['load_after']:.1f}" if "load_before" in r else "–", notes or "–"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "**Targets (issue 18)**", "", *targets(rows), ""]
+    lines += ["", "**Targets**", "", *targets(rows), ""]
     if args.note and Path(args.note).is_file():  # how the rows were made and what they say (kept under benchmarks/)
         lines += [Path(args.note).read_text().strip(), ""]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -311,6 +322,7 @@ def main() -> None:
         saved = runs / "rows" / f"{name}.json"
         if saved.is_file() and name not in args.force:
             rows[name] = json.loads(saved.read_text())
+    header["reused"] = list(rows)
     write_table(args, rows, header)
     for name in args.rows:
         if name in rows:

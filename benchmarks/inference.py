@@ -1,7 +1,7 @@
-"""Inference benchmark of a CLINC150 intent run (issue 20): eager PyTorch, ONNX fp32 (fused), ONNX int8 (before issue
-20, on the packed-attention graph and the default setting), a distilled student, the served API under concurrent
-load, and the physical limit. Prints and writes `benchmarks/results/inference.md`; `--raw FILE` keeps the figures
-and `--render FILE` rewrites the markdown from them (a new `--note`) without measuring again.
+"""Inference benchmark of a CLINC150 intent run: eager PyTorch, ONNX fp32 (fused), ONNX int8 (the earlier default
+setting on the plain graph, the packed-attention graph and the default setting), a distilled student, the served API
+under concurrent load, and the physical limit. Prints and writes `benchmarks/results/inference.md`; `--raw FILE`
+keeps the figures and `--render FILE` rewrites the markdown from them (a new `--note`) without measuring again.
 
 python benchmarks/inference.py --run runs/bench-clinc150-speed/today --student runs/clinc150-student-3layer
 python benchmarks/inference.py --run RUN --max_queries 200 --latency_queries 50 --serve_queries 200 \\
@@ -10,10 +10,10 @@ python benchmarks/inference.py --run RUN --max_queries 200 --latency_queries 50 
 Each engine runs in its own process (so peak memory is its own) with `--threads` threads. The timed path is what
 `querytune predict` does: tokenise, run the model, read the logits. Batch sizes below the largest run over the first
 `--latency_queries` queries; the largest (64) runs over all, twice: one model call per 64 queries in arrival order
-(padded to the longest, as before issue 20) and the same 64 cut into length-sorted model batches of
+(padded to the longest, the earlier behaviour) and the same 64 cut into length-sorted model batches of
 `--model_batch_size` (as `querytune serve` now does). Exports go to RUN/exports/bench-<engine> and are reused when
 their marker says they were made the same way. `--repeats` rounds (default 3) run every engine and served row again:
-this 2-core VM's queries/s moved by up to ~30% between back-to-back runs, so a row is the median of its rounds.
+on a 2-core machine queries/s moved by up to ~30% between back-to-back runs, so a row is the median of its rounds.
 
 Hygiene: the script refuses to start while the 1-minute load average is above 1.5 (unless --force_load, which the
 table then says), holds the machine-wide CPU lock while it measures, and records the load before and after.
@@ -51,7 +51,7 @@ ENGINES: dict[str, tuple[str, dict | None, str]] = {
     "onnx-int8-before": (
         "run",
         {"fmt": "onnx", "quantize": "int8", "optimize": False, "quantization": "dynamic-matmul-pc"},
-        "int8 as before issue 20: plain graph, dynamic, MatMul weights per channel",
+        "int8, plain graph, dynamic, MatMul weights per channel (the earlier default)",
     ),  # fmt: skip
     "onnx-int8-packed": (
         "run",
@@ -510,7 +510,7 @@ def render(args: argparse.Namespace, raw: dict) -> None:
     forced = load_before_1 > 1.5
     busy = other_cores > 0.2  # the load average after the run counts this benchmark's own threads
     lines = [
-        "# Inference benchmark: CLINC150 intent run (issue 20)",
+        "# Inference benchmark: CLINC150 intent run",
         "",
         f"Measured on: {raw['machine']}.",
         f"Started {started}; load average (1/5/15 min) before: {load_before[0]:.2f} / {load_before[1]:.2f} / "

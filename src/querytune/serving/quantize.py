@@ -45,7 +45,7 @@ class QuantSetting:
 QUANT_SETTINGS: dict[str, QuantSetting] = {
     s.name: s
     for s in (
-        # Before issue 20: dynamic, MatMul weights per channel (97.55% top-1 agreement on CLINC150, plain graph).
+        # The earlier default: dynamic, MatMul weights per channel (97.55% top-1 agreement on CLINC150, plain graph).
         # A fused graph's packed Attention (onnxscript's, with an additive attention bias) has no QAttention form:
         # its Q, K, V weights stay fp32 whatever the op types.
         QuantSetting("dynamic-matmul-pc"),
@@ -86,7 +86,7 @@ QUANT_SETTINGS: dict[str, QuantSetting] = {
 # 99% agreement on out-of-scope input (100 validation OOS queries + 3,699 queries of other corpora; best 98.34%); of
 # those within 0.5 point of the best, the one with the most MatMuls in int8 (30 of 38, Q, K, V included; 97.92%):
 # test agreement 99.44%, in-scope accuracy -0.13 point. Before: "dynamic-matmul-pc-smooth0.5-skip4" (packed graph),
-# and before issue 20 "dynamic-matmul-pc" (plain graph).
+# and the earlier default "dynamic-matmul-pc" (plain graph).
 DEFAULT_QUANT = "mha-dynamic-matmul-pc-smooth0.5-skip8"
 
 
