@@ -40,7 +40,15 @@ KINDS = {  # run kind: (data folder, flags, a query for predict)
 
 
 def _qt(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*QUERYTUNE, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [*QUERYTUNE, *args],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode == 0, f"querytune {' '.join(args)} (in {cwd}):\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}"
     return proc
 
@@ -71,13 +79,15 @@ def test_every_run_kind_predicts_evaluates_and_exports_from_another_folder(proje
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     query = KINDS[kind][2]
-    out = _qt(["predict", str(run), query], cwd=elsewhere).stdout
+    # a cross-encoder ranks the candidates it is given (never stdin here: the test's stdin is whatever runs pytest)
+    given = ["--candidates", "red shoes set", "blue boots pack"] if kind == "rerank" else []
+    out = _qt(["predict", str(run), query, *given], cwd=elsewhere).stdout
     assert json.loads(out.splitlines()[0])["query"] == query
     scores = json.loads(_qt(["eval", str(run), "--split", "test"], cwd=elsewhere).stdout)
     assert scores, "eval scored the test split"
     _qt(["export", str(run), "--output_dir", str(elsewhere / "export")], cwd=elsewhere)
     assert (elsewhere / "export" / "querytune_export.json").is_file()
-    assert json.loads(_qt(["predict", str(elsewhere / "export"), query], cwd=tmp_path).stdout.splitlines()[0])
+    assert json.loads(_qt(["predict", str(elsewhere / "export"), query, *given], cwd=tmp_path).stdout.splitlines()[0])
 
 
 def _free_port() -> int:

@@ -274,7 +274,8 @@ def test_backtranslate_and_paraphrase_run_on_tiny_random_models(tmp_path, tiny_b
 
 def test_backtranslate_without_a_reachable_model_stops_before_training(tmp_path, tiny_bert, tiny_data):
     exp = tiny_experiment(tmp_path, tiny_bert, tiny_data, augment=["backtranslate"])
-    env = {"HF_HUB_OFFLINE": "1", "PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path)}
+    src = str(Path(__file__).resolve().parents[1] / "src")  # this checkout's querytune, installed or not
+    env = {"HF_HUB_OFFLINE": "1", "PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path), "PYTHONPATH": src}
     proc = subprocess.run([sys.executable, "-m", "querytune", "train", str(exp)], capture_output=True, text=True,
                           timeout=300, env=env, cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-2000:]

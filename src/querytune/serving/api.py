@@ -153,11 +153,11 @@ def _request_problem(body: Any, runs: dict[str, Any], settings: ServeSettings) -
     if body.runs is not None and not body.runs:
         return 422, "runs is empty: name at least one loaded run, or leave runs out to ask them all"
     if len(body.queries) > settings.max_queries_per_request:
-        return 413, (f"too many queries: {len(body.queries)} > {settings.max_queries_per_request} per request; "
+        return 422, (f"too many queries: {len(body.queries)} > {settings.max_queries_per_request} per request; "
                      "split the batch")  # fmt: skip
     for name, texts in inputs.items():
         if len(texts) > settings.max_queries_per_request:
-            return 413, f"too many {name}: {len(texts)} > {settings.max_queries_per_request}"
+            return 422, f"too many {name}: {len(texts)} > {settings.max_queries_per_request}"
     specs = request_inputs()
     for kind, texts in (("query", body.queries), *((specs[n].item, t) for n, t in inputs.items())):
         for i, text in enumerate(texts):
@@ -218,7 +218,7 @@ def _add_predict(app: FastAPI, runs: dict[str, Any], settings: ServeSettings, me
 
 def _openapi(app: FastAPI, settings: ServeSettings, runs: dict[str, Any]) -> dict[str, Any]:
     """The OpenAPI schema, with this server's real limits on a request: how many queries, how long, which run
-    names, and a task input (`candidates`) only where a loaded run takes it. The checks stay the app's own (413 for
+    names, and a task input (`candidates`) only where a loaded run takes it. The checks stay the app's own (422 for
     too many queries, the messages above); the schema says what will pass them, for clients and for fuzzers."""
     if app.openapi_schema is None:
         from fastapi.openapi.utils import get_openapi
@@ -228,6 +228,8 @@ def _openapi(app: FastAPI, settings: ServeSettings, runs: dict[str, Any]) -> dic
         text = {"type": "string", "minLength": 1, "maxLength": settings.max_query_chars, "pattern": r"\S"}
         texts = {"type": "array", "items": text, "minItems": 1, "maxItems": settings.max_queries_per_request}
         props["queries"].update(texts)
+        # pydantic writes top_k's bounds as "ge" / "le" (its BeforeValidator hides them from JSON Schema)
+        props["top_k"]["anyOf"][0] = {"type": "integer", "minimum": 1, "maximum": 50}
         props["runs"]["anyOf"][0].update(items={"type": "string", "enum": list(runs)}, minItems=1)
         for name in request_inputs():
             if any(name in _takes(loaded) for loaded in runs.values()):

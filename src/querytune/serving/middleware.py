@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from querytune.serving.metrics import Metrics
 from querytune.serving.schemas import ServeSettings, error
@@ -101,6 +102,11 @@ def install(app: FastAPI, settings: ServeSettings, metrics: Metrics) -> list:
                   for e in exc.errors()]  # fmt: skip
         where = "; ".join(f"{'.'.join(e['loc'])}: {e['msg']}" for e in errors)
         return error(422, f"invalid request: {where}", detail=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own refusals (a body that is not JSON: 400; an unknown path: 404) in the API's error body
+        return error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -56,7 +56,7 @@ def register_search(app: FastAPI, runs: dict[str, Any], max_query_chars: int,
                 logger.warning("run %s serves /predict but not /search: %s", name, reason)
         unavailable[name] = reason
 
-    statuses = (401, 404, 413, 422, 500) if dependencies else (404, 413, 422, 500)
+    statuses = (400, 401, 404, 413, 422, 500) if dependencies else (400, 404, 413, 422, 500)
 
     @app.post("/search", dependencies=dependencies or [], responses={s: ERRORS[s] for s in statuses})
     async def search(body: SearchRequest) -> Any:
@@ -72,7 +72,7 @@ def register_search(app: FastAPI, runs: dict[str, Any], max_query_chars: int,
         if not query:
             return _error(422, "query is empty")
         if len(body.query) > max_query_chars:
-            return _error(413, f"query is too long: {len(body.query)} characters > {max_query_chars}")
+            return _error(422, f"query is too long: {len(body.query)} characters > {max_query_chars}")
         loaded = searchable[name]
         try:
             results = await asyncio.get_running_loop().run_in_executor(
