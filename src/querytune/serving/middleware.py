@@ -10,9 +10,8 @@ import time
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi.exceptions import HTTPException, RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from querytune.serving.metrics import Metrics
 from querytune.serving.schemas import ServeSettings, error
@@ -103,9 +102,9 @@ def install(app: FastAPI, settings: ServeSettings, metrics: Metrics) -> list:
         where = "; ".join(f"{'.'.join(e['loc'])}: {e['msg']}" for e in errors)
         return error(422, f"invalid request: {where}", detail=errors)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        # FastAPI's own refusals (a body that is not JSON: 400; an unknown path: 404) in the API's error body
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        # FastAPI's own refusals (a body that is not JSON: 400) in the API's error body
         return error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
