@@ -5,8 +5,11 @@ transformers builds the length-grouped train sampler (`train_sampling_strategy: 
 quickstart and the recipes use) without a generator: each epoch's order is drawn from the global random state when
 the epoch starts, and a run resumed mid-epoch restores the random state saved at the checkpoint, so the rest of that
 epoch would see other batches (upstream seeded only the eval sampler). `SeededSampling` gives it a generator seeded
-from `data_seed` (else `seed`) and the epoch, as accelerate's seedable random sampler does; Trainer calls `set_epoch`
-at the start of every epoch, resumed or not, on every process alike.
+from `data_seed` (else `seed`) and the epoch, as accelerate's seedable random sampler does, and sets its epoch itself
+at the start of every epoch, resumed or not, on every process alike: Trainer's own `set_epoch` does not reach a
+sampler under DDP in a resumed epoch (accelerate wraps it as SkipBatchSampler -> BatchSamplerShard -> BatchSampler ->
+sampler, one level deeper than either `DataLoaderShard.set_epoch` or Trainer looks), so a resumed 2-process job
+drew the rest of its epoch in epoch 0's order.
 """
 
 from __future__ import annotations
@@ -41,6 +44,28 @@ class SeededSampling:
             seeded = EpochSeededLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths, seed=seed)
             return seeded
         return sampler
+
+    def _run_epoch(self, model, epoch, *args, **kwargs):
+        set_epoch(kwargs.get("train_dataloader"), epoch)
+        return super()._run_epoch(model, epoch, *args, **kwargs)
+
+
+def set_epoch(loader: object, epoch: int) -> int:
+    """Set `epoch` on every sampler under `loader`, however deep accelerate has wrapped it (BatchSamplerShard,
+    SkipBatchSampler, ...): ours and accelerate's `SeedableRandomSampler` alike. Returns how many were set."""
+    found, seen, todo = 0, set(), [loader]
+    while todo:
+        obj = todo.pop()
+        for name in ("batch_sampler", "sampler", "base_dataloader"):
+            child = getattr(obj, name, None)
+            if child is None or id(child) in seen:
+                continue
+            seen.add(id(child))
+            if callable(getattr(child, "set_epoch", None)):
+                child.set_epoch(epoch)
+                found += 1
+            todo.append(child)
+    return found
 
 
 def seeded(trainer_class: type) -> type:
