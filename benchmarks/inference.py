@@ -143,7 +143,10 @@ def ort_profile(path: str, queries: list[str], loaded, threads: int, model_batch
 
 # --- the served API under load
 def serve_load(export_dir: Path, queries: list[str], clients: int, per_request: int, threads: int,
-               model_batch_size: int, log: Path) -> dict:  # fmt: skip
+               model_batch_size: int, log: Path, workers: int = 1) -> dict:  # fmt: skip
+    """`querytune serve` (`workers` processes of `threads` threads) driven by `clients` concurrent clients, each
+    sending `per_request` queries a request until `queries` are all answered. Peak RSS is the sum of each server
+    process's own peak (the workers' and their parent's)."""
     import httpx
 
     with socket.socket() as s:
@@ -152,7 +155,7 @@ def serve_load(export_dir: Path, queries: list[str], clients: int, per_request: 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO / "src")}
     cmd = [sys.executable, "-m", "querytune", "serve", f"bench={export_dir}", "--port", str(port), "--threads",
            str(threads), "--max_batch", "64", "--model_batch_size", str(model_batch_size), "--max_wait_ms", "5",
-           "--max_pending", "1024"]  # fmt: skip
+           "--max_pending", "1024", "--workers", str(workers)]  # fmt: skip
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
@@ -165,6 +168,10 @@ def serve_load(export_dir: Path, queries: list[str], clients: int, per_request: 
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
+        for _ in range(600):  # every worker has loaded its runs (uvicorn logs each one's startup)
+            if log.read_text().count("Application startup complete") >= workers:
+                break
+            time.sleep(0.2)
         chunks = [queries[i : i + per_request] for i in range(0, len(queries), per_request)]
         latencies: list[float] = []
         labels: dict[int, str] = {}
@@ -190,7 +197,8 @@ def serve_load(export_dir: Path, queries: list[str], clients: int, per_request: 
 
         wall = asyncio.run(run())
         metrics = httpx.get(f"{url}/metrics").text
-        hwm = peak_rss_mb(proc.pid)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        hwm = peak_rss_mb(proc.pid) + sum(peak_rss_mb(int(pid)) for pid in children)  # each process's own peak
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)

@@ -173,6 +173,7 @@ def test_search_endpoint_live(search_server, hybrid_run):  # noqa: F811
         ({"query": "red shoes", "top_k": 0}, 422, "top_k"),
         ({"query": "red shoes", "top_k": "many"}, 422, "top_k"),
         ({"query": "red " * 20}, 422, "query is too long"),
+        ({"query": "\x00\u200b\x07"}, 422, "query has no printable character"),  # as /predict refuses it
         ({"query": "red shoes", "run": "nope"}, 404, "unknown run"),
         ({"query": "red shoes", "run": "judged"}, 422, "rerank_first_stage judged"),
     ],

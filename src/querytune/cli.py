@@ -328,7 +328,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              max_pending=args.max_pending, max_body_bytes=args.max_body_bytes,
                              timeout_s=args.timeout_s, api_key=api_key)  # fmt: skip
     serve(args.runs, host=args.host, port=args.port, settings=settings, threads=args.threads,
-          trust_remote_code=args.trust_remote_code, allow_status=args.allow_status)  # fmt: skip
+          trust_remote_code=args.trust_remote_code, allow_status=args.allow_status, workers=args.workers)  # fmt: skip
     return 0
 
 
@@ -458,7 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api_key_env", "--api-key-env", metavar="NAME", default=None,
                      help="require this environment variable's value as 'Authorization: Bearer KEY' or 'X-API-Key: "
                      "KEY' on every endpoint but /health (401 without it)")  # fmt: skip
-    srv.add_argument("--threads", type=positive_int, default=None, help="torch / ONNX Runtime threads per model")
+    srv.add_argument("--threads", type=positive_int, default=None,
+                     help="torch / ONNX Runtime threads per model (default: all cores, divided among --workers)")  # fmt: skip
+    srv.add_argument("--workers", type=positive_int, default=1,
+                     help="worker processes on one port, each with its own copy of every run and its own batcher; "
+                     "limits such as --max_pending hold per worker, /metrics sums them (default 1)")  # fmt: skip
     srv.add_argument("--trust_remote_code", "--trust-remote-code", action="store_true", help=TRUST_HELP)
     _allow_status(srv)
     return parser

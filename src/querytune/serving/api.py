@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
@@ -32,7 +33,6 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from querytune.serving.batcher import MicroBatcher, ScoringError
 from querytune.serving.metrics import Metrics
@@ -47,9 +47,9 @@ from querytune.serving.schemas import (
     request_inputs,
 )
 from querytune.serving.search import register_search
-from querytune.validation import query_problem
+from querytune.validation import PRINTABLE_PATTERN, query_problem
 
-__all__ = ["ServeSettings", "create_app", "run_names", "serve", "serving_metadata"]
+__all__ = ["ServeSettings", "create_app", "run_names", "serve", "serving_metadata", "worker_app"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ def create_app(runs: dict[str, Any], settings: ServeSettings | None = None) -> F
             await asyncio.sleep(0.01)
         for b in batchers.values():
             await b.stop()
+        metrics.process_exited()
 
     app = FastAPI(title="querytune", lifespan=lifespan, default_response_class=AsciiJSONResponse)
     app.openapi = lambda: _openapi(app, settings, runs)
@@ -142,7 +143,8 @@ def _add_info_routes(app: FastAPI, runs: dict[str, Any], settings: ServeSettings
              responses={200: {"content": {"text/plain": {}}, "description": "Prometheus metrics"},
                         401: ERRORS[401]})  # fmt: skip
     async def get_metrics() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        content, media_type = metrics.exposition()
+        return Response(content, media_type=media_type)
 
 
 def _request_problem(body: Any, runs: dict[str, Any], settings: ServeSettings) -> tuple[int, str] | None:
@@ -225,9 +227,15 @@ def _openapi(app: FastAPI, settings: ServeSettings, runs: dict[str, Any]) -> dic
 
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
         props = schema["components"]["schemas"]["PredictRequest"]["properties"]
-        text = {"type": "string", "minLength": 1, "maxLength": settings.max_query_chars, "pattern": r"\S"}
+        text = {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": settings.max_query_chars,
+            "pattern": PRINTABLE_PATTERN,
+        }
         texts = {"type": "array", "items": text, "minItems": 1, "maxItems": settings.max_queries_per_request}
         props["queries"].update(texts)
+        schema["components"]["schemas"]["SearchRequest"]["properties"]["query"].update(text)
         # pydantic writes top_k's bounds as "ge" / "le" (its BeforeValidator hides them from JSON Schema)
         props["top_k"]["anyOf"][0] = {"type": "integer", "minimum": 1, "maximum": 50}
         props["runs"]["anyOf"][0].update(items={"type": "string", "enum": list(runs)}, minItems=1)
@@ -258,19 +266,66 @@ def run_names(paths: list[str]) -> dict[str, Path]:
     return named
 
 
+WORKER_ENV = "QUERYTUNE_SERVE_WORKER"  # what each `serve --workers N` worker loads (JSON), set by `serve`
+
+
 def serve(paths: list[str], host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings | None = None,
           threads: int | None = None, log_level: str = "info", trust_remote_code: bool = False,
-          allow_status: tuple[str, ...] | str | None = ("finished",)) -> None:  # fmt: skip
-    """Load every run or export (errors before the server starts), then serve until SIGINT/SIGTERM."""
+          allow_status: tuple[str, ...] | str | None = ("finished",), workers: int = 1) -> None:  # fmt: skip
+    """Load every run or export (errors before the server starts), then serve until SIGINT/SIGTERM.
+
+    `workers` > 1: uvicorn's process manager starts that many worker processes on one socket, each loading its own
+    copy of every run with `threads` threads (default: the cores divided among the workers) and its own
+    micro-batcher; a worker that dies is replaced. The limits (`max_pending`, the body and query limits, the timeout)
+    hold per worker; `/metrics` sums all workers.
+    """
     import uvicorn
 
     from querytune import progress
     from querytune.inference import load_run
 
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    settings = settings or ServeSettings()
     progress.set_enabled(False)  # the server's model calls are short: no bars in its log
     named = run_names(paths)
+    if workers > 1 and threads is None:
+        threads = max(1, (os.cpu_count() or 1) // workers)
     runs = {name: load_run(path, threads, trust_remote_code=trust_remote_code, allow_status=allow_status)
             for name, path in named.items()}  # fmt: skip
-    app = create_app(runs, settings)
-    timeout = int((settings or ServeSettings()).drain_timeout_s)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=timeout)
+    timeout = int(settings.drain_timeout_s)
+    if workers == 1:
+        uvicorn.run(create_app(runs, settings), host=host, port=port, log_level=log_level,
+                    timeout_graceful_shutdown=timeout)  # fmt: skip
+        return
+    del runs  # loaded once here only to refuse a bad run before any worker starts
+    import dataclasses
+    import tempfile
+
+    from querytune.serving.metrics import MULTIPROC_ENV
+
+    spec = {"runs": {name: str(Path(path).resolve()) for name, path in named.items()}, "threads": threads,
+            "trust_remote_code": trust_remote_code, "allow_status": allow_status,
+            "settings": dataclasses.asdict(settings)}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="querytune-metrics-") as metrics_dir:
+        os.environ[WORKER_ENV], os.environ[MULTIPROC_ENV] = json.dumps(spec), metrics_dir
+        try:
+            uvicorn.run("querytune.serving.api:worker_app", factory=True, workers=workers, host=host, port=port,
+                        log_level=log_level, timeout_graceful_shutdown=timeout)  # fmt: skip
+        finally:
+            os.environ.pop(WORKER_ENV, None)
+            os.environ.pop(MULTIPROC_ENV, None)
+
+
+def worker_app() -> FastAPI:
+    """One `serve --workers N` worker's app (uvicorn's factory): loads the runs that `serve` checked."""
+    from querytune import progress
+    from querytune.inference import load_run
+
+    progress.set_enabled(False)
+    spec = json.loads(os.environ[WORKER_ENV])
+    allow = spec["allow_status"]
+    runs = {name: load_run(path, spec["threads"], trust_remote_code=spec["trust_remote_code"],
+                           allow_status=tuple(allow) if isinstance(allow, list) else allow)
+            for name, path in spec["runs"].items()}  # fmt: skip
+    return create_app(runs, ServeSettings(**spec["settings"]))

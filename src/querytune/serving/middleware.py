@@ -10,8 +10,9 @@ import time
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import HTTPException, RequestValidationError
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from querytune.serving.metrics import Metrics
 from querytune.serving.schemas import ServeSettings, error
@@ -104,7 +105,8 @@ def install(app: FastAPI, settings: ServeSettings, metrics: Metrics) -> list:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        # FastAPI's own refusals (a body that is not JSON: 400) in the API's error body
+        # starlette's and FastAPI's own refusals (a body that is not UTF-8: 400; an unknown path: 404; a wrong
+        # method: 405) in the API's error body; FastAPI's HTTPException is a subclass of starlette's
         return error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

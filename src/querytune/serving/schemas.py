@@ -100,7 +100,7 @@ class AsciiJSONResponse(JSONResponse):
 
 
 ERRORS = {status: {"model": ErrorResponse, "description": what} for status, what in (
-    (400, "the body is not JSON"), (401, "missing or wrong API key (with --api_key_env)"), (404, "unknown run"),
+    (400, "the body cannot be read (not UTF-8)"), (401, "missing or wrong API key (with --api_key_env)"), (404, "unknown run"),
     (413, "a body over max_body_bytes"), (422, "invalid request (more queries than max_queries_per_request, a query "
     "too long, empty or unprintable, ...)"), (500, "internal error"), (503, "busy or shutting down"),
     (504, "not answered within timeout_s"))}  # fmt: skip

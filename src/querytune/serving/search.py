@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from querytune.serving.schemas import ERRORS
+from querytune.validation import query_problem
 
 logger = logging.getLogger(__name__)
 MAX_TOP_K = 1000
@@ -68,11 +69,10 @@ def register_search(app: FastAPI, runs: dict[str, Any], max_query_chars: int,
             return _error(404, f"unknown run {name!r}; loaded: {list(runs)}")
         if name not in searchable:
             return _error(422, f"run: {name!r} cannot search: {unavailable[name]}")
+        problem = query_problem(body.query, max_query_chars)  # the rule of /predict and `querytune predict`
+        if problem:
+            return _error(422, f"query {problem}")
         query = body.query.strip()
-        if not query:
-            return _error(422, "query is empty")
-        if len(body.query) > max_query_chars:
-            return _error(422, f"query is too long: {len(body.query)} characters > {max_query_chars}")
         loaded = searchable[name]
         try:
             results = await asyncio.get_running_loop().run_in_executor(
