@@ -1,7 +1,7 @@
 .PHONY: test test-fast quality style bench
 
-test:            ## everything CI runs, integration tests included
-	pytest
+test:            ## everything CI runs, integration tests included (2 test processes)
+	pytest -n 2 --dist loadgroup
 
 test-fast:       ## unit tests only: tiny random models, no real weights or data
 	pytest -m "not integration and not slow"

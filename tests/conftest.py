@@ -16,6 +16,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `pytest -n N` (pytest-xdist): N test processes share the cores, so each one, and every process it starts, gets its
+# share of threads (two processes with 2 threads each on 2 cores spin against each other, 10-20x slower)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // _WORKERS)))
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # 1 beside a benchmark (see CONTRIBUTING.md)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -288,9 +293,18 @@ def compares_something(function) -> bool:
     return False
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Fail every collected test function that compares nothing (see CONTRIBUTING.md, "What a test compares")."""
+    """Fail every collected test function that compares nothing (see CONTRIBUTING.md, "What a test compares").
+
+    Under `pytest -n N --dist loadgroup`, a module's tests run on one worker (its module fixtures are built once),
+    and every test that launches several processes runs on the same worker: they share accelerate's default port.
+    Groups holding a slow or integration test come first, so that the last minutes are not one worker alone.
+    """
+    groups = {}
     for item in items:
+        groups[item] = "distributed" if item.get_closest_marker("distributed") else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(groups[item]))
         function = getattr(item, "function", None)
         if function is not None and not compares_something(function):
 
@@ -299,6 +313,8 @@ def pytest_collection_modifyitems(config, items):
                             "code breaks (an assert, pytest.raises, or an assert_* helper)", pytrace=False)  # fmt: skip
 
             item.runtest = fail
+    heavy = {groups[i] for i in items if i.get_closest_marker("slow") or i.get_closest_marker("integration")}
+    items.sort(key=lambda i: groups[i] not in heavy)  # stable: a group's tests stay together, in their order
 
 
 # --- with ../shared/data present (as in CI), an integration test that skips fails the run
