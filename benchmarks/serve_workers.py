@@ -4,8 +4,8 @@ Writes `benchmarks/results/serve_workers.md`.
     python benchmarks/serve_workers.py                                    # trains and exports the model it serves
     python benchmarks/serve_workers.py --queries 600 --rounds 1 --out /tmp/x.md   # a smoke run
 
-The model is a 6-layer MiniLM intent run (the quickstart experiment, `--max_steps 30`: its speed is that of any
-MiniLM run; the accuracy is not what is measured here) exported to ONNX int8 with the default setting, trained once
+The model is a 6-layer MiniLM intent run (the quickstart experiment on its demo corpus, `--max_steps 30`: its speed
+is that of any MiniLM run; the accuracy is not what is measured here) exported to ONNX int8 with the default setting, trained once
 into `runs/bench-serve-workers`. Queries: CLINC150 test, shuffled with seed 0. Scenarios: 16 clients x 1 query and
 4 clients x 16 queries (each client sends its next request when the last is answered), and one client x 1 query
 (batch-1 latency). Each configuration x scenario runs `--rounds` times in rounds over all of them; queries/s is the
@@ -64,6 +64,17 @@ def main() -> None:
     texts = [json.loads(line)["text"] for line in (Path(args.data) / "test.jsonl").read_text().splitlines() if line]
     random.Random(0).shuffle(texts)
 
+    import torch
+
+    torch.set_num_threads(2)  # the machine's fp32 GEMM throughput, for comparing tables measured on other hosts
+    a = torch.rand(1024, 1024)
+    start = time.perf_counter()
+    for _ in range(20):
+        a @ a
+    gemm = 20 * 2 * 1024**3 / (time.perf_counter() - start) / 1e9
+    flags = sorted(
+        {f for f in Path("/proc/cpuinfo").read_text().split() if f.startswith(("avx2", "avx512f", "avx512_vnni"))}
+    )
     rows: dict[tuple[str, str], list[dict]] = {}
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with cpu_slot(), tempfile.TemporaryDirectory() as tmp:
@@ -84,7 +95,9 @@ def main() -> None:
     lines = ["# Serving with worker processes: 1 process x 2 threads against 2 processes x 1 thread", "",
              f"Measured on: {platform.processor() or platform.machine()}, 2 cores, CPU only; Python "
              f"{platform.python_version()}; started {started}; load average (1 min) before {load_before:.2f}, after "
-             f"{load_after:.2f} (the benchmark's own server and clients included).", "",
+             f"{load_after:.2f} (the benchmark's own server and clients included); fp32 GEMM 1024^3 with 2 threads: "
+             f"{gemm:.0f} GFLOP/s; CPU flags: {', '.join(flags) or 'none of avx2 / avx512'}. Compare absolute figures "
+             "with other tables only on the same kind of host.", "",
              "Model: MiniLM-L6 intent run (`experiments/quickstart.yaml`, 30 steps), ONNX int8 export, default "
              "setting. Queries: CLINC150 test, shuffled. Server: `querytune serve EXPORT --workers W --threads T "
              "--max_batch 64 --model_batch_size 16 --max_wait_ms 5`. The clients run in the benchmark's process, on "

