@@ -85,6 +85,7 @@ def main() -> None:
 
     runs = Path(args.runs)
     run = runs / "quickstart"
+    runs.mkdir(parents=True, exist_ok=True)
     if not (run / "querytune_run.json").is_file():
         train(REPO / "experiments" / "quickstart.yaml", run, [], runs / "quickstart.log", args.force_load)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
