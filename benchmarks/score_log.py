@@ -72,6 +72,29 @@ def read_predictions(path: Path) -> list[tuple[str, str]]:
     return sorted((r["query"], r["label"]) for r in rows)
 
 
+def write_table(results: list[dict], reference: list | None, args: argparse.Namespace, commit: str) -> str:
+    """Write (and return) the results table of the rows finished so far."""
+    lines = [
+        f"# Scoring a query log of {args.queries:,} queries", "",
+        f"`python benchmarks/score_log.py --queries {args.queries}` at commit {commit}, on "
+        f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), model: the quickstart intent run "
+        "exported to ONNX int8. Peak memory: the largest resident set of the row's process tree. Same labels: the "
+        "row wrote the same (query, label) pairs as the streaming JSON lines row.", "",
+        "| how | seconds | queries/s | peak memory MB | rows out | same labels | load before / after |",
+        "| --- | ---: | ---: | ---: | ---: | --- | --- |",
+    ]  # fmt: skip
+    for r in results:
+        if reference is None:
+            same = "(reference row not run yet)"
+        else:
+            same = "yes" if r["labels"] == reference else f"no ({len(set(r['labels']) ^ set(reference))} differ)"
+        lines.append(f"| {r['row']} | {r['wall_s']:.1f} | {r['qps']:.0f} | {r['peak_mb']:.0f} | {r['rows']:,} | "
+                     f"{same} | {r['load'][0]:.2f} / {r['load'][1]:.2f} |")  # fmt: skip
+    text = "\n".join(lines) + "\n"
+    Path(args.out).write_text(text)
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--queries", type=int, default=200_000)
@@ -142,21 +165,8 @@ def main() -> None:
         results.append({"row": name, "wall_s": wall, "qps": args.queries / wall, "peak_mb": peak, "rows": len(labels),
                         "labels": labels, "load": (before, after)})  # fmt: skip
         print(f"{name}: {wall:.1f} s, {args.queries / wall:.0f} queries/s, peak {peak:.0f} MB", flush=True)
-    lines = [
-        f"# Scoring a query log of {args.queries:,} queries", "",
-        f"`python benchmarks/score_log.py --queries {args.queries}` at commit {commit.strip()}, on "
-        f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), model: the quickstart intent run "
-        "exported to ONNX int8. Peak memory: the largest resident set of the row's process tree. Same labels: the "
-        "row wrote the same (query, label) pairs as the streaming JSON lines row.", "",
-        "| how | seconds | queries/s | peak memory MB | rows out | same labels | load before / after |",
-        "| --- | ---: | ---: | ---: | ---: | --- | --- |",
-    ]  # fmt: skip
-    for r in results:
-        same = "yes" if r["labels"] == reference else f"no ({len(set(r['labels']) ^ set(reference))} differ)"
-        lines.append(f"| {r['row']} | {r['wall_s']:.1f} | {r['qps']:.0f} | {r['peak_mb']:.0f} | {r['rows']:,} | "
-                     f"{same} | {r['load'][0]:.2f} / {r['load'][1]:.2f} |")  # fmt: skip
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        write_table(results, reference, args, commit.strip())  # a stopped run keeps its finished rows
+    print(write_table(results, reference, args, commit.strip()))
 
 
 if __name__ == "__main__":
