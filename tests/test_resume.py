@@ -306,6 +306,26 @@ def test_a_resumed_epoch_under_ddp_reaches_the_sampler_however_deep_it_is_wrappe
     assert [b.tolist() for b in resumed] == epochs[1][3:]
 
 
+def test_every_epoch_sets_the_sampler_epoch_whether_trainer_passes_keywords_or_positions():
+    """`SeededSampling._run_epoch` reads the loader and epoch from Trainer's call however they are passed."""
+    from torch.utils.data import DataLoader
+
+    from querytune.sampling import EpochSeededLengthGroupedSampler, SeededSampling
+
+    class Base:  # Trainer._run_epoch's leading parameters
+        def _run_epoch(self, model, epoch, train_dataloader, steps_in_epoch=None):
+            return train_dataloader.sampler.epoch
+
+    class Seeded(SeededSampling, Base):
+        pass
+
+    def fresh():
+        return DataLoader(list(range(8)), sampler=EpochSeededLengthGroupedSampler(2, lengths=[1] * 8, seed=0))
+
+    assert Seeded()._run_epoch(None, 4, fresh(), 8) == 4
+    assert Seeded()._run_epoch(model=None, epoch=5, train_dataloader=fresh(), steps_in_epoch=8) == 5
+
+
 @pytest.mark.parametrize("task", ["slots", "rerank"])
 def test_slots_and_rerank_runs_resume_exactly_in_their_second_epoch(tmp_path, task, slot_bert, slot_data,
                                                                      ranking_bert, ranking_data):  # fmt: skip

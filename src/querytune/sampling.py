@@ -14,6 +14,8 @@ drew the rest of its epoch in epoch 0's order.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -45,9 +47,10 @@ class SeededSampling:
             return seeded
         return sampler
 
-    def _run_epoch(self, model, epoch, *args, **kwargs):
-        set_epoch(kwargs.get("train_dataloader"), epoch)
-        return super()._run_epoch(model, epoch, *args, **kwargs)
+    def _run_epoch(self, *args, **kwargs):
+        bound = inspect.signature(super()._run_epoch).bind(*args, **kwargs)  # Trainer passes keywords; either works
+        set_epoch(bound.arguments["train_dataloader"], bound.arguments["epoch"])
+        return super()._run_epoch(*args, **kwargs)
 
 
 def set_epoch(loader: object, epoch: int) -> int:
