@@ -75,8 +75,12 @@ INTERNAL = re.compile(r"\bissues? #?\d+|\bsession\b|\bthis (VM|box)\b|\bour (mac
 
 
 def test_the_pages_speak_to_users():
+    """The docs, the README, the experiment and sweep files and the results tables users read."""
     found = []
-    for page in sorted((REPO / "docs").rglob("*.md")):
+    pages = [REPO / "README.md", *(REPO / "docs").rglob("*.md"), *(REPO / "experiments").rglob("*.yaml"),
+             *(REPO / "experiments").rglob("*.md"), *(REPO / "sweeps").glob("*.yaml"),
+             *(REPO / "benchmarks" / "results").glob("*.md"), *(REPO / "benchmarks" / "notes").glob("*.md")]  # fmt: skip
+    for page in sorted(pages):
         for n, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
             if INTERNAL.search(line):
                 found.append(f"{page.relative_to(REPO)}:{n}: {line.strip()[:120]}")
