@@ -92,8 +92,13 @@ def main() -> None:
                     print(f"round {r + 1}: {config}, {scenario}: {qps:,.0f} queries/s", flush=True)
         load_after = load_average()
 
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "src"], cwd=REPO,
+                           capture_output=True, text=True).stdout.strip()  # fmt: skip
     lines = ["# Serving with worker processes: 1 process x 2 threads against 2 processes x 1 thread", "",
-             f"Measured on: {platform.processor() or platform.machine()}, 2 cores, CPU only; Python "
+             f"`python benchmarks/serve_workers.py --queries {args.queries} --rounds {args.rounds}` at commit "
+             f"{commit.stdout.strip()}{' (with uncommitted changes in src)' if dirty else ''}. "
+             f"Measured on: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU only; Python "
              f"{platform.python_version()}; started {started}; load average (1 min) before {load_before:.2f}, after "
              f"{load_after:.2f} (the benchmark's own server and clients included); fp32 GEMM 1024^3 with 2 threads: "
              f"{gemm:.0f} GFLOP/s; CPU flags: {', '.join(flags) or 'none of avx2 / avx512'}. Compare absolute figures "

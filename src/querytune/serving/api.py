@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -310,11 +311,28 @@ def serve(paths: list[str], host: str = "127.0.0.1", port: int = 8000, settings:
     with tempfile.TemporaryDirectory(prefix="querytune-metrics-") as metrics_dir:
         os.environ[WORKER_ENV], os.environ[MULTIPROC_ENV] = json.dumps(spec), metrics_dir
         try:
-            uvicorn.run("querytune.serving.api:worker_app", factory=True, workers=workers, host=host, port=port,
-                        log_level=log_level, timeout_graceful_shutdown=timeout)  # fmt: skip
+            from uvicorn.supervisors import Multiprocess
+
+            # uvicorn.run's workers path, with a listener that keeps TCP_NODELAY (`tcp_listener`)
+            config = uvicorn.Config("querytune.serving.api:worker_app", factory=True, workers=workers, host=host,
+                                    port=port, log_level=log_level, timeout_graceful_shutdown=timeout)  # fmt: skip
+            with contextlib.suppress(KeyboardInterrupt):
+                Multiprocess(config, sockets=[tcp_listener(config.bind_socket())]).run()
         finally:
             os.environ.pop(WORKER_ENV, None)
             os.environ.pop(MULTIPROC_ENV, None)
+
+
+def tcp_listener(sock: socket.socket) -> socket.socket:
+    """`sock` as a socket that reports IPPROTO_TCP (the same file descriptor), so that its accepted connections get
+    TCP_NODELAY. asyncio sets TCP_NODELAY on an accepted connection only when the listener says IPPROTO_TCP, and
+    uvicorn's `Config.bind_socket` (the `--workers` path) leaves the protocol at 0 (uvicorn issue 3149): every response
+    on a keep-alive connection then waited for the client's delayed ACK, about 40 ms on Linux."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.proto != socket.IPPROTO_TCP:
+        inheritable = sock.get_inheritable()
+        sock = socket.socket(sock.family, sock.type, socket.IPPROTO_TCP, fileno=sock.detach())
+        sock.set_inheritable(inheritable)
+    return sock
 
 
 def worker_app() -> FastAPI:
