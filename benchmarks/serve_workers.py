@@ -41,6 +41,23 @@ CONFIGS = {"1 x 2 threads": (1, 2), "2 x 1 thread": (2, 1)}  # name -> (workers,
 SCENARIOS = {"16 clients x 1 query": (16, 1), "4 clients x 16 queries": (4, 16), "1 client x 1 query": (1, 1)}
 
 
+def host_speed() -> tuple[float, list[str]]:
+    """The machine's fp32 GEMM throughput with 2 threads (GFLOP/s) and its AVX flags, for comparing tables measured
+    on other hosts."""
+    import torch
+
+    torch.set_num_threads(2)
+    a = torch.rand(1024, 1024)
+    start = time.perf_counter()
+    for _ in range(20):
+        a @ a
+    gemm = 20 * 2 * 1024**3 / (time.perf_counter() - start) / 1e9
+    flags = sorted(
+        {f for f in Path("/proc/cpuinfo").read_text().split() if f.startswith(("avx2", "avx512f", "avx512_vnni"))}
+    )
+    return gemm, flags
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--queries", type=int, default=2000, help="queries per scenario and round")
@@ -64,21 +81,11 @@ def main() -> None:
     texts = [json.loads(line)["text"] for line in (Path(args.data) / "test.jsonl").read_text().splitlines() if line]
     random.Random(0).shuffle(texts)
 
-    import torch
-
-    torch.set_num_threads(2)  # the machine's fp32 GEMM throughput, for comparing tables measured on other hosts
-    a = torch.rand(1024, 1024)
-    start = time.perf_counter()
-    for _ in range(20):
-        a @ a
-    gemm = 20 * 2 * 1024**3 / (time.perf_counter() - start) / 1e9
-    flags = sorted(
-        {f for f in Path("/proc/cpuinfo").read_text().split() if f.startswith(("avx2", "avx512f", "avx512_vnni"))}
-    )
     rows: dict[tuple[str, str], list[dict]] = {}
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with cpu_slot(), tempfile.TemporaryDirectory() as tmp:
         load_before = check_load(args.force_load)
+        gemm, flags = host_speed()
         for r in range(args.rounds):
             for config, (workers, threads) in CONFIGS.items():
                 for scenario, (clients, per_request) in SCENARIOS.items():
