@@ -39,7 +39,9 @@ RAY_SCRIPT = """
 import json, sys, ray
 from querytune.scoring import RayScorer
 export, log, out, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
+# one logical CPU more than the scoring actors hold: Ray Data's read and write tasks need one, and with none left the
+# job waits forever (the actors keep theirs for the whole job)
+ray.init(num_cpus=workers + 1, include_dashboard=False, log_to_driver=False,
          runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}})
 ds = ray.data.read_text(log)
 scored = ds.map_batches(RayScorer, fn_constructor_kwargs={"run_dir": export, "threads": 1}, batch_size=2048,
@@ -136,7 +138,7 @@ def main() -> None:
         f"streaming, parquet folder (--chunk_size {args.chunk_size})": (
             [*predict, "--output", str(work / "stream.parquet"), "--chunk_size", str(args.chunk_size)], src_env,
             work / "stream.parquet"),
-        f"Ray Data map_batches, local cluster of {args.ray_workers} CPUs, 1 thread each": (
+        f"Ray Data map_batches, {args.ray_workers} scoring actors of 1 thread (Ray told of {args.ray_workers + 1} CPUs)": (
             [sys.executable, "-c", RAY_SCRIPT, str(export), str(log), str(work / "ray"), str(args.ray_workers)],
             src_env, work / "ray"),
     }  # fmt: skip
