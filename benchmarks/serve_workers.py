@@ -82,6 +82,9 @@ def main() -> None:
     random.Random(0).shuffle(texts)
 
     rows: dict[tuple[str, str], list[dict]] = {}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "src"], cwd=REPO,
+                           capture_output=True, text=True).stdout.strip()  # fmt: skip
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with cpu_slot(), tempfile.TemporaryDirectory() as tmp:
         load_before = check_load(args.force_load)
@@ -99,9 +102,6 @@ def main() -> None:
                     print(f"round {r + 1}: {config}, {scenario}: {qps:,.0f} queries/s", flush=True)
         load_after = load_average()
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "src"], cwd=REPO,
-                           capture_output=True, text=True).stdout.strip()  # fmt: skip
     lines = ["# Serving with worker processes: 1 process x 2 threads against 2 processes x 1 thread", "",
              f"`python benchmarks/serve_workers.py --queries {args.queries} --rounds {args.rounds}` at commit "
              f"{commit.stdout.strip()}{' (with uncommitted changes in src)' if dirty else ''}. "
