@@ -50,6 +50,8 @@ ROWS: dict[str, tuple[str, list[str], str]] = {
     "student-3layer-t4": ("clinc150-student-3layer.yaml", ["--distill_temperature", "4"], "a softer teacher (T 4)"),
     "student-3layer-bottom": ("clinc150-student-3layer.yaml", ["--student_layers", "0", "1", "2"],
                               "the bottom three layers kept"),
+    "student-3layer-hidden": ("clinc150-student-3layer.yaml", ["--distill_hidden_weight", "1.0"],
+                              "hidden-state matching (TinyBERT), weight 1"),
 }  # fmt: skip
 DEFAULT_ROWS = [TEACHER, "student-3layer", "student-3layer-a0.9"]
 

@@ -208,6 +208,73 @@ def test_distillation_errors_name_the_problem(tmp_path, teacher, tiny_bert, tiny
         load_config(tiny_experiment(tmp_path, tiny_bert, tiny_data, distill_temperature=0))
 
 
+def test_hidden_state_loss_follows_teacher_layers_uniformly_on_real_tokens():
+    torch.manual_seed(0)
+    teacher = [torch.randn(2, 5, 8) for _ in range(5)]  # embeddings + 4 layers
+    student = [torch.randn(2, 5, 8) for _ in range(3)]  # embeddings + 2 layers: follow teacher layers 2 and 4
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    keep = mask.bool()
+    expected = torch.stack([((student[m] - teacher[2 * m]) ** 2)[keep].mean() for m in (1, 2)]).mean()
+    assert distill.hidden_state_loss(student, teacher, mask).item() == pytest.approx(expected.item(), rel=1e-5)
+    moved = [s.clone() for s in student]
+    for s in moved:
+        s[0, 3:] += 100.0  # padding: not counted
+    assert distill.hidden_state_loss(moved, teacher, mask).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert distill.hidden_state_loss([teacher[0], teacher[2], teacher[4]], teacher, mask).item() == 0.0
+    with pytest.raises(ValueError, match="the hidden sizes must be equal"):
+        distill.hidden_state_loss([torch.randn(2, 5, 4)] * 3, teacher, mask)
+
+
+def test_hidden_state_distillation_trains_against_the_running_teacher_and_reloads(tmp_path, teacher, tiny_data):
+    """`distill_hidden_weight`: a 1-layer student of the 2-layer teacher (its own layer 1) adds the hidden-state term
+    to exactly the loss it has without it, on train batches only; the run saves and reloads with identical logits."""
+    exp = tiny_experiment(tmp_path, teacher, tiny_data, method="full", max_steps=4, student_layers=[1],
+                          distill_teacher=str(teacher), distill_hidden_weight=2.0)  # fmt: skip
+    result = run(load_config(exp))
+    trainer = result.trainer
+    assert trainer.distill_hidden_weight == 2.0 and trainer.teacher_model is not None
+    assert not any(p.requires_grad for p in trainer.teacher_model.parameters())
+    rows = trainer._remove_unused_columns(trainer.train_dataset)  # what the train loader feeds (run() has ended)
+    batch = trainer.data_collator([rows[i] for i in range(4)])
+    assert distill.TEACHER_COLUMN in batch
+    model = result.model.eval()
+    with torch.no_grad():
+        with_hidden = trainer.compute_loss(model, dict(batch)).item()
+        trainer.distill_hidden_weight = 0.0
+        without = trainer.compute_loss(model, dict(batch)).item()
+        trainer.distill_hidden_weight = 2.0
+        encoded = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        states = model(**encoded, output_hidden_states=True).hidden_states
+        teacher_states = trainer.teacher_model(**encoded, output_hidden_states=True).hidden_states
+        term = distill.hidden_state_loss(states, teacher_states, batch["attention_mask"]).item()
+        eval_batch = {k: v for k, v in batch.items() if k != distill.TEACHER_COLUMN}
+        eval_loss = trainer.compute_loss(model, eval_batch).item()
+    assert term > 0 and with_hidden == pytest.approx(without + 2.0 * term, rel=1e-4)
+    assert eval_loss == pytest.approx(model(**eval_batch).loss.item(), rel=1e-5), "evaluation: the model's own loss"
+    enc = result.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        trained = model(**enc).logits.numpy()
+    np.testing.assert_allclose(LoadedRun(result.output_dir, merge=False).logits(TEXTS), trained, atol=1e-5)
+
+
+def test_hidden_state_distillation_errors_name_the_problem(tmp_path, teacher, tiny_bert, tiny_data):
+    from types import SimpleNamespace
+
+    from querytune.serving.export import export_run
+
+    with pytest.raises(ConfigError, match="distill_hidden_weight needs distill_teacher"):
+        load_config(tiny_experiment(tmp_path, tiny_bert, tiny_data, distill_hidden_weight=1.0))
+    with pytest.raises(ConfigError, match="distill_hidden_weight must be >= 0"):
+        load_config(tiny_experiment(tmp_path, tiny_bert, tiny_data, distill_teacher=str(teacher),
+                                    distill_hidden_weight=-1.0))  # fmt: skip
+    export_run(teacher, fmt="onnx", output_dir=tmp_path / "onnx")
+    with pytest.raises(ValueError, match="is an export, which gives logits only; use the run it was exported from"):
+        distill.load_hidden_teacher(str(tmp_path / "onnx"), None)
+    other_vocab = SimpleNamespace(get_vocab=lambda: {"[PAD]": 0, "shoes": 1})
+    with pytest.raises(ValueError, match="reads text with another vocabulary than the student"):
+        distill.load_hidden_teacher(str(teacher), other_vocab)
+
+
 def test_joint_student_distils_its_intent_head_and_keeps_the_slot_loss(tmp_path):
     """intent_slots: the teacher's intent logits (in the student's intent order) reach the intent head through the
     same trainer; the run saves and reloads with identical intent and slot logits."""

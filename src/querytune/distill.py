@@ -12,6 +12,11 @@
   the same teacher and data (a sweep over T and a) reads them from the datasets cache instead of running the teacher.
 - `student_layers: [0, 2, 4]` keeps those encoder layers of `model_name_or_path` (a 6-layer teacher's own encoder:
   set model_name_or_path to the teacher run) and drops the others before training.
+- `distill_hidden_weight: b` (> 0) adds b times the hidden-state loss (TinyBERT, Jiao et al. 2020): the mean squared
+  error between the output of each student layer m = 1..M and that of teacher layer m * N // M, over the batch's
+  real (non-padding) tokens, averaged over the M layers. The teacher (a PyTorch run, not an export, with the
+  student's tokenizer and hidden size) runs beside the student on every train batch: per-token hidden states are too
+  large to cache.
 
 A task opts in with the `distill_output` attribute (the output name its teacher logits are read from, as in
 `Task.verification_outputs`) and `distill_labels()` (the names of that output's classes); its `tokenize` keeps the
@@ -131,7 +136,27 @@ def add_teacher_logits(ds, teacher_dir: str | Path, output: str, labels_of: Call
     return ds.map(score, batched=True, batch_size=None, new_fingerprint=fingerprint, desc="teacher logits")
 
 
-# --- the loss
+# --- the losses
+def hidden_state_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
+                      attention_mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Mean over the student's layers m = 1..M of the MSE between its output and teacher layer m * N // M (uniform
+    mapping; index 0 of both is the embeddings' output), over the tokens `attention_mask` keeps.
+
+    `student` / `teacher`: the models' `hidden_states` (M + 1 and N + 1 tensors of [batch, tokens, hidden])."""
+    m_layers, n_layers = len(student) - 1, len(teacher) - 1
+    if not 0 < m_layers <= n_layers:
+        raise ValueError(f"distill_hidden_weight: a {m_layers}-layer student cannot follow a {n_layers}-layer teacher")
+    mask = attention_mask.unsqueeze(-1).to(torch.float32)
+    losses = []
+    for m in range(1, m_layers + 1):
+        s, t = student[m].float(), teacher[m * n_layers // m_layers].float()
+        if s.shape != t.shape:
+            raise ValueError(f"distill_hidden_weight: student layer {m} gives {tuple(s.shape)}, teacher layer "
+                             f"{m * n_layers // m_layers} {tuple(t.shape)}: the hidden sizes must be equal")  # fmt: skip
+        losses.append(((s - t) ** 2 * mask).sum() / (mask.sum() * s.shape[-1]).clamp(min=1.0))
+    return torch.stack(losses).mean()
+
+
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """T^2 * KL(softmax(teacher / T) || softmax(student / T)), averaged over the rows."""
     t = temperature
@@ -148,13 +173,21 @@ class DistillationTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, distill_temperature: float = 2.0, distill_alpha: float = 0.5,
-                 logits_key: str = "logits", labels_key: str = "labels", **kwargs: Any) -> None:  # fmt: skip
+                 logits_key: str = "logits", labels_key: str = "labels", distill_hidden_weight: float = 0.0,
+                 distill_teacher: str | None = None, **kwargs: Any) -> None:  # fmt: skip
+        # Loaded before Trainer sets up its accelerator: loading a run builds its TrainingArguments, which reset
+        # accelerate's shared state (as the teacher's logits are computed while the data loads, before the trainer).
+        teacher_model = None
+        if distill_hidden_weight > 0:
+            teacher_model = load_hidden_teacher(distill_teacher, kwargs.get("processing_class"))
         super().__init__(*args, **kwargs)
         if self.args.label_smoothing_factor:
             raise ValueError("label_smoothing_factor cannot be combined with distill_teacher: the teacher's soft "
                              "targets take its place")  # fmt: skip
         self.distill_temperature, self.distill_alpha = distill_temperature, distill_alpha
         self.logits_key, self.labels_key = logits_key, labels_key
+        self.distill_hidden_weight = distill_hidden_weight
+        self.teacher_model = None if teacher_model is None else teacher_model.to(self.args.device)
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -164,6 +197,9 @@ class DistillationTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         teacher = inputs.pop(TEACHER_COLUMN, None)
         labels = inputs.get(self.labels_key)
+        hidden = teacher is not None and self.teacher_model is not None  # train batches only
+        if hidden:
+            inputs = {**inputs, "output_hidden_states": True}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if teacher is not None and self.distill_alpha > 0:
             student = outputs[self.logits_key]
@@ -171,10 +207,42 @@ class DistillationTrainer(Trainer):
             # The model's loss holds CE(labels) of this head: swap alpha of it for the teacher's term.
             hard = F.cross_entropy(student.float(), labels) if labels is not None else torch.zeros_like(soft)
             loss = loss + self.distill_alpha * (soft - hard)
+        if hidden:
+            states = outputs.get("hidden_states") if hasattr(outputs, "get") else None
+            if states is None:
+                raise ValueError(f"distill_hidden_weight: {type(model).__name__} returns no hidden_states")
+            encoded = {k: inputs[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in inputs}
+            with torch.no_grad():
+                teacher_states = self.teacher_model(**encoded, output_hidden_states=True).hidden_states
+            mask = inputs.get("attention_mask")
+            mask = torch.ones(states[0].shape[:2], device=states[0].device) if mask is None else mask
+            loss = loss + self.distill_hidden_weight * hidden_state_loss(states, teacher_states, mask)
         return (loss, outputs) if return_outputs else loss
+
+
+def load_hidden_teacher(teacher_dir: str | None, tokenizer: Any) -> nn.Module:
+    """The teacher run's PyTorch model, frozen, for `distill_hidden_weight`: refused with a reason when it is an
+    export (no hidden states) or reads the text with another vocabulary than the student's tokenizer."""
+    from querytune.inference import LoadedRun  # here: querytune.inference imports the task registry
+
+    if not teacher_dir:
+        raise ValueError("distill_hidden_weight needs distill_teacher (the run whose hidden states to follow)")
+    loaded = LoadedRun(teacher_dir, merge=True)
+    if loaded.is_export:
+        raise ValueError(f"distill_hidden_weight: distill_teacher {teacher_dir} is an export, which gives logits "
+                         "only; use the run it was exported from")  # fmt: skip
+    if tokenizer is not None and loaded.tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"distill_hidden_weight: distill_teacher {teacher_dir} reads text with another vocabulary "
+                         "than the student; start the student from the teacher (model_name_or_path: the teacher run)")  # fmt: skip
+    model = loaded.model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
 
 
 def trainer_kwargs(distill_args: Any, logits_key: str = "logits", labels_key: str = "labels") -> dict[str, Any]:
     """`DistillationTrainer`'s own keyword arguments, from the config's `DistillArguments`."""
     return {"distill_temperature": distill_args.distill_temperature, "distill_alpha": distill_args.distill_alpha,
-            "logits_key": logits_key, "labels_key": labels_key}  # fmt: skip
+            "logits_key": logits_key, "labels_key": labels_key,
+            "distill_hidden_weight": distill_args.distill_hidden_weight,
+            "distill_teacher": distill_args.distill_teacher}  # fmt: skip

@@ -99,11 +99,23 @@ class DistillArguments:
                   "student)."},
     )  # fmt: skip
 
+    distill_hidden_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the hidden-state loss (TinyBERT): MSE between each student layer's output and "
+                  "that of teacher layer m * N // M, on real tokens. 0: off. Needs a PyTorch teacher run with the "
+                  "student's tokenizer and hidden size; the teacher then runs beside the student on each train "
+                  "batch."},
+    )  # fmt: skip
+
     def __post_init__(self) -> None:
         if not self.distill_temperature > 0:
             raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
         if not 0 <= self.distill_alpha <= 1:
             raise ValueError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
+        if self.distill_hidden_weight < 0:
+            raise ValueError(f"distill_hidden_weight must be >= 0, got {self.distill_hidden_weight}")
+        if self.distill_hidden_weight > 0 and not self.distill_teacher:
+            raise ValueError("distill_hidden_weight needs distill_teacher (the run whose hidden states to follow)")
 
 
 @dataclass
