@@ -147,8 +147,9 @@ def main() -> None:
     parser.add_argument("--explain", metavar="WORKDIR", help="append to --out why the rows disagree, from the outputs "
                         "a finished run left in WORKDIR (its temporary folder, printed at the end)")  # fmt: skip
     args = parser.parse_args()
-    if args.explain:
-        text = Path(args.out).read_text().rstrip("\n") + "\n\n" + explain(Path(args.explain)) + "\n"
+    if args.explain:  # replaces the paragraph of an earlier --explain
+        table = Path(args.out).read_text().split("\nWhy int8 rows disagree")[0].rstrip("\n")
+        text = table + "\n\n" + explain(Path(args.explain)) + "\n"
         Path(args.out).write_text(text)
         print(text)
         return

@@ -429,11 +429,11 @@ def test_two_workers_hold_their_limits_drain_on_sigint_and_replace_a_dead_worker
         stop_server(proc)
 
 
-def test_the_workers_listener_gives_each_connection_tcp_nodelay():
+def test_the_workers_listener_gives_each_connection_tcp_nodelay(runs, monkeypatch):
     """With `--workers`, uvicorn binds the listener itself (`Config.bind_socket`, protocol left at 0) and asyncio then
     never sets TCP_NODELAY on the connections it accepts: each response on a keep-alive connection waited for the
-    client's delayed ACK (a 2-worker server answered one client in 60-64 ms against 17-21 ms for one process).
-    `tcp_listener` is what `serve --workers` hands uvicorn; checked through asyncio's own accept path."""
+    client's delayed ACK (about 40 ms on Linux). `serve --workers` hands uvicorn's process manager a listener that
+    reports IPPROTO_TCP (`tcp_listener`); checked here through asyncio's own accept path."""
     import uvicorn
 
     from querytune.serving.api import tcp_listener
@@ -461,6 +461,24 @@ def test_the_workers_listener_gives_each_connection_tcp_nodelay():
     listener = tcp_listener(config.bind_socket())
     assert listener.proto == socket.IPPROTO_TCP and listener.get_inheritable(), "workers inherit the listener"
     assert asyncio.run(accepted_nodelay(listener)) != 0
+
+    # and `serve --workers 2` is what hands uvicorn's process manager such a listener
+    import uvicorn.supervisors
+
+    from querytune.serving.api import serve
+
+    handed: list[socket.socket] = []
+
+    class Recorder:
+        def __init__(self, config, sockets):
+            handed.extend(sockets)
+
+        def run(self):
+            assert asyncio.run(accepted_nodelay(handed[0])) != 0
+
+    monkeypatch.setattr(uvicorn.supervisors, "Multiprocess", Recorder)
+    serve([f"intent={runs['intent']}"], port=0, workers=2)
+    assert [s.proto for s in handed] == [socket.IPPROTO_TCP]
 
 
 def test_serve_refuses_bad_directories_before_starting(tmp_path, capsys):
