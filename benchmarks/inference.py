@@ -59,9 +59,38 @@ ENGINES: dict[str, tuple[str, dict | None, str]] = {
         "int8 on the packed-attention graph (Q, K, V fp32), the 8 most sensitive MatMuls fp32",
     ),  # fmt: skip
     "onnx-int8": ("run", {"fmt": "onnx", "quantize": "int8"}, "int8: the default setting (DEFAULT_QUANT)"),
+    "openvino-fp32": ("run", {"engine": "openvino", "mode": "fp32"}, "OpenVINO, fp32, from the plain ONNX graph"),
+    "openvino-int8": (
+        "run",
+        {"engine": "openvino", "mode": "int8"},
+        "OpenVINO, NNCF post-training int8 (transformer preset, validation calibration)",
+    ),
+    "openvino-int8-ac": (
+        "run",
+        {"engine": "openvino", "mode": "int8-ac"},
+        "OpenVINO, NNCF accuracy-controlled int8 (>= 99.5% top-1 agreement on validation)",
+    ),
+    "ct2-int8": ("run", {"engine": "ctranslate2", "compute_type": "int8"}, "CTranslate2, int8 (head in fp32)"),
+    "ct2-int8-float32": (
+        "run",
+        {"engine": "ctranslate2", "compute_type": "int8_float32"},
+        "CTranslate2, int8 weights, fp32 elsewhere (head in fp32)",
+    ),
     "student-pytorch": ("student", None, "the distilled student as trained"),
     "student-onnx-int8": ("student", {"fmt": "onnx", "quantize": "int8"}, "the student, int8"),
+    "student-openvino-int8-ac": (
+        "student",
+        {"engine": "openvino", "mode": "int8-ac"},
+        "the student, OpenVINO accuracy-controlled int8",
+    ),
+    "student-ct2-int8": (
+        "student",
+        {"engine": "ctranslate2", "compute_type": "int8"},
+        "the student, CTranslate2 int8",
+    ),
 }
+# engines of other libraries (benchmarks/engines.py): optional, so only run when named with --engines
+OTHER_ENGINES = {e for e, (_, options, _) in ENGINES.items() if options and "engine" in options}
 TARGETS = ("6-layer int8: >= 1,000 queries/s at batch 64, >= 99% agreement, <= 0.5 point in-scope accuracy loss; "
            "served API (int8, 4 clients x 16 queries): >= 900 queries/s; 3-layer distilled student, int8: >= 2,000 "
            "queries/s within 1 point of the teacher's in-scope accuracy")  # fmt: skip
@@ -89,6 +118,10 @@ def worker(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     if args.path_kind == "run-unmerged":
         loaded = LoadedRun(args.path, merge=False, device="cpu")
+    elif args.path_kind == "engine":
+        from engines import EngineRun
+
+        loaded = EngineRun(args.path, threads=args.threads)
     else:
         loaded = LoadedRun(args.path, device="cpu", threads=args.threads)
     load_s = time.perf_counter() - start
@@ -259,6 +292,30 @@ def accuracy(pred_labels: list[str], gold: list[str], oos: str = "oos") -> tuple
     )
 
 
+def ensure_engine(run: Path, engine: str, options: dict, data: Path, threads: int) -> Path:
+    """RUN/exports/bench-<engine> for another library's engine (reused when its `engine.json` matches)."""
+    import engines
+
+    out = run / "exports" / f"bench-{engine}"
+    if options["engine"] == "ctranslate2":
+        print(f"converting {engine} to {out} ...", flush=True)
+        engines.make_ctranslate2(run, out, options["compute_type"])
+        return out
+    onnx = ensure_export(run, "onnx-fp32-plain", {"fmt": "onnx", "optimize": False})
+    rows = [json.loads(line) for line in (data / "validation.jsonl").read_text().splitlines()]
+    texts = [r["text"] for r in rows]
+    reference = np.empty(0)
+    if options["mode"] != "fp32" and not engines.made_as(out, {"engine": "openvino", "mode": options["mode"]}):
+        from querytune.inference import LoadedRun
+
+        reference = np.argmax(LoadedRun(run, merge=False, device="cpu", threads=threads).logits(texts), axis=-1)
+    print(f"making {engine} in {out} ...", flush=True)
+    info = engines.make_openvino(onnx, out, options["mode"], run, texts, reference, threads=threads)
+    if "validation_agreement" in info:
+        print(f"{engine}: validation agreement {100 * info['validation_agreement']:.2f}%", flush=True)
+    return out
+
+
 def ensure_export(run: Path, engine: str, options: dict) -> Path:
     """RUN/exports/bench-<engine>, made with `options` (reused when its marker says it was made the same way)."""
     from querytune.runs import is_export, read_export
@@ -294,7 +351,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3,
                         help="rounds over all engines (and served rows): queries/s is the median, with its range")  # fmt: skip
-    parser.add_argument("--engines", nargs="+", default=None, choices=list(ENGINES), help="default: all that apply")
+    parser.add_argument("--engines", nargs="+", default=None, choices=list(ENGINES),
+                        help="default: all that apply, except other libraries' engines (OpenVINO, CTranslate2)")  # fmt: skip
     parser.add_argument("--serve_queries", type=int, default=1000, help="queries sent to the served API")
     parser.add_argument("--serve_model_batch_sizes", type=int, nargs="+", default=[64, 16],
                         help="served rows per model batch size (64: one call per collected batch, as before)")  # fmt: skip
@@ -331,7 +389,9 @@ def measure(args: argparse.Namespace) -> dict:
     from querytune.report import machine_description
 
     runs = {"run": Path(args.run), "student": Path(args.student) if args.student else None}
-    engines = args.engines or [e for e, (src, _, _) in ENGINES.items() if runs[src] is not None]
+    engines = args.engines or [
+        e for e, (src, _, _) in ENGINES.items() if runs[src] is not None and e not in OTHER_ENGINES
+    ]
     missing = [e for e in engines if runs[ENGINES[e][0]] is None]
     if missing:
         raise SystemExit(f"engines {missing} need --student")
@@ -350,7 +410,12 @@ def measure(args: argparse.Namespace) -> dict:
             src, options, _ = ENGINES[engine]
             if engine == "student-onnx-int8" and args.student_quantization:
                 options = {**options, "quantization": args.student_quantization}
-            paths[engine] = runs[src] if options is None else ensure_export(runs[src], engine, options)
+            if options is None:
+                paths[engine] = runs[src]
+            elif "engine" in options:
+                paths[engine] = ensure_engine(runs[src], engine, options, Path(args.data), args.threads)
+            else:
+                paths[engine] = ensure_export(runs[src], engine, options)
 
         results = {}
         with tempfile.TemporaryDirectory() as tmp:
@@ -361,7 +426,8 @@ def measure(args: argparse.Namespace) -> dict:
                 for engine in engines:
                     print(f"benchmarking {engine} (round {round_ + 1} of {args.repeats}) ...", flush=True)
                     res = Path(tmp) / f"{engine}.json"
-                    kind = "run-unmerged" if ENGINES[engine][1] is None else "loaded"
+                    options = ENGINES[engine][1]
+                    kind = "run-unmerged" if options is None else "engine" if "engine" in options else "loaded"
                     cmd = [sys.executable, __file__, "--worker", engine, "--path", str(paths[engine]), "--path_kind",
                            kind, "--queries_file", str(qfile), "--result", str(res), "--threads", str(args.threads),
                            "--latency_queries", str(args.latency_queries), "--model_batch_size",
@@ -409,7 +475,12 @@ def measure(args: argparse.Namespace) -> dict:
     from querytune.runs import read_export
 
     settings = {e: (read_export(p).get("quantization") or {}).get("setting", {}).get("name")
-                for e, p in paths.items() if ENGINES[e][1] is not None}  # fmt: skip
+                for e, p in paths.items() if ENGINES[e][1] is not None and e not in OTHER_ENGINES}  # fmt: skip
+    for e in engines:
+        if e in OTHER_ENGINES:
+            made = json.loads((paths[e] / "engine.json").read_text())
+            if "validation_agreement" in made:
+                settings[e] = f"validation agreement {100 * made['validation_agreement']:.2f}%"
     served_reference = reference_answers(runs["run"], queries[: args.serve_queries], args.threads) if served else []
     return {"command": " ".join(sys.argv[1:]), "machine": machine_description(), "started": started,
             "load_before_1": load_before_1, "load_before": load_before, "load_after": load_after,
@@ -504,11 +575,14 @@ def render(args: argparse.Namespace, raw: dict) -> None:
 
     # the physical limit
     limit_lines = ["| model | FLOPs per query (mean) | fp32 limit q/s | int8 limit q/s |", "|---|---:|---:|---:|"]
-    for run in runs.values():
+    int8_limit: dict[str, float] = {}
+    for src, run in runs.items():
         if run is None:
             continue
         config = json.loads((run / "config.json").read_text())
         flops = float(np.mean([encoder_flops(config, c) for c in counts]))
+        if isinstance(peaks.get("int8"), float):
+            int8_limit[src] = peaks["int8"] / flops
         cells = [f"{peaks[k] / flops:,.0f}" if k in peaks else "n/a" for k in ("fp32", "int8")]
         limit_lines.append(f"| {run.name} ({config['num_hidden_layers']} layers) | {flops / 1e6:,.1f} M | "
                            f"{cells[0]} | {cells[1]} |")  # fmt: skip
@@ -568,16 +642,18 @@ def render(args: argparse.Namespace, raw: dict) -> None:
         f"Targets on 2 cores, batch {big}: {TARGETS}.",
         "",
     ]
-    for engine in ("onnx-int8", "onnx-int8-packed", "student-onnx-int8"):
+    for engine in [e for e in engines if "int8" in e]:
         for mbs in (big, args.model_batch_size):
             s = summary.get((engine, big, mbs))
             if s is None:
                 continue
             ref = summary.get(("student-pytorch" if engine.startswith("student") else "pytorch-unmerged", big, mbs))
             drop = f"{ref['in_scope'] - s['in_scope']:.2f}" if ref else "n/a"
+            limit = int8_limit.get("student" if engine.startswith("student") else "run")
+            share = f", {100 * s['qps'] / limit:.0f}% of the int8 limit" if limit else ""
             lines.append(f"- {engine}, batch {big} ({'one call' if mbs == big else f'model batches of {mbs}'}): "
                          f"{s['qps']:,.0f} queries/s, agreement {s['agreement']:.2f}%, in-scope accuracy drop {drop} "
-                         "point(s)")  # fmt: skip
+                         f"point(s){share}")  # fmt: skip
     teacher = summary.get(("pytorch-unmerged", big, big))
     student = summary.get(("student-onnx-int8", big, args.model_batch_size))
     if teacher and student:
