@@ -100,7 +100,7 @@ def run_row(name: str, runs: Path, force_load: bool, more: list[str]) -> dict[st
     experiment, run = EXP / ROWS[name][0], runs / name
     extra = [*overrides(name, runs), *more]
     command = f"querytune train experiments/intent/{ROWS[name][0]} " + " ".join(
-        a.replace(str(REPO.parent), "..").replace(str(REPO) + "/", "") for a in extra
+        a.replace(str(REPO) + "/", "").replace(str(REPO.parent), "..") for a in extra
     )
     started = commit()
     train(experiment, run, [*extra, "--report_to", "none"], runs / f"{name}.log", force_load)
@@ -113,8 +113,8 @@ def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.2f}"
 
 
-def render(raw: dict[str, dict[str, Any]], out: Path, machine: str) -> None:
-    """The table of every finished row, in `ROWS` order."""
+def render(raw: dict[str, dict[str, Any]], out: Path, machine: str, note: str = "") -> None:
+    """The table of every finished row, in `ROWS` order, and `note` (what else ran beside a row) after it."""
     rows = [raw[n] for n in ROWS if n in raw]
     teacher = raw.get(TEACHER)
     commits = sorted({r["commit"] for r in rows})
@@ -150,6 +150,8 @@ def render(raw: dict[str, dict[str, Any]], out: Path, machine: str) -> None:
     lines += ["", "Commands (the teacher run is `runs/bench-distill/teacher`):", "", "```"]
     lines += [r["command"] for r in rows]
     lines += ["```", ""]
+    if note:
+        lines += [note.strip(), ""]
     out.write_text("\n".join(lines))
 
 
@@ -165,6 +167,8 @@ def main() -> None:
     parser.add_argument("--list", action="store_true", help="print the rows and what each tries")
     parser.add_argument("--extra", default="", help="overrides added to every row, one string (a smoke run: "
                         "--extra='--max_steps 4 --max_eval_samples 200'); recorded in each row's command")  # fmt: skip
+    parser.add_argument("--note", default="", help="a paragraph after the table (e.g. what ran beside a row); pass "
+                        "it again with --render")  # fmt: skip
     args = parser.parse_args()
     if args.list:
         print("\n".join(f"{name}: {purpose}" for name, (_, _, purpose) in ROWS.items()))
@@ -183,10 +187,10 @@ def main() -> None:
     for name in sorted(todo, key=lambda n: n != TEACHER):
         raw[name] = run_row(name, runs, args.force_load, shlex.split(args.extra))
         raw_path.write_text(json.dumps(raw, indent=2, default=float))
-        render(raw, Path(args.out), machine)
+        render(raw, Path(args.out), machine, args.note)
         print(f"{name}: {raw[name]['wall_s']:.0f} s, test in-scope {100 * raw[name]['test_argmax_in_scope']:.2f}",
               flush=True)  # fmt: skip
-    render(raw, Path(args.out), machine)
+    render(raw, Path(args.out), machine, args.note)
 
 
 if __name__ == "__main__":
