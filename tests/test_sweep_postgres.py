@@ -88,7 +88,7 @@ def test_three_workers_share_a_postgres_study_and_a_killed_one_loses_nothing(pos
     sweep = _sweep_file(tmp_path, exp)
     shared = tmp_path / "shared"
     args = ["sweep", str(sweep), "--storage", postgres, "--trials", "6", "--sweep_dir", str(shared),
-            "--heartbeat_s", "1"]  # fmt: skip
+            "--heartbeat_s", "2"]  # fmt: skip
     flag = tmp_path / "held"
     held = subprocess.Popen([sys.executable, str(HOLD), str(flag), "3", "1", *args], env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
