@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from querytune.serving.openvino import OPENVINO_FILE, OpenVinoModel  # what `export --format openvino` serves
+
 ENGINE_FILE = "engine.json"
-OPENVINO_FILE = "model.xml"
 
 
 def _feed(tensors: dict[str, Any], names: list[str]) -> dict[str, np.ndarray]:
@@ -38,25 +39,6 @@ class _EngineModel:
 
     def parameters(self):
         yield torch.empty(0)
-
-
-class OpenVinoModel(_EngineModel):
-    """An OpenVINO compiled model (CPU plugin, `threads` inference threads, latency hint) called like a
-    transformers model."""
-
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        import openvino as ov
-
-        config = {"PERFORMANCE_HINT": "LATENCY"}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = threads
-        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
-        self.inputs = [p.get_any_name() for p in self.compiled.inputs]
-        self.request = self.compiled.create_infer_request()
-
-    def __call__(self, **tensors: Any) -> SimpleNamespace:
-        out = self.request.infer(_feed(tensors, self.inputs))
-        return SimpleNamespace(logits=torch.from_numpy(np.array(out[self.compiled.output(0)])))
 
 
 class Ct2Model(_EngineModel):

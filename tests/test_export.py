@@ -1,4 +1,4 @@
-"""`querytune export` on tiny runs: merged and ONNX (fp32, int8) exports of intent, slot, joint and text-pair runs,
+"""`querytune export` on tiny runs: merged, ONNX (fp32, int8) and OpenVINO exports of intent, slot, joint and text-pair runs,
 verified against the PyTorch run; the marker that tells a finished export from a half-written one; the error paths."""
 
 from __future__ import annotations
@@ -123,6 +123,69 @@ def test_slot_runs_export_to_onnx(task, tmp_path, tmp_path_factory):
         assert check["top1_agreement"] == 1.0 and check["max_abs_logit_diff"] < 1e-4 and check["compared"] > 0
     queries = ["red nike walking shoes size 10", "track my rain jacket order", "wool socks"]
     _same_predictions(LoadedRun(tmp_path / "onnx").predict(queries), LoadedRun(run, merge=False).predict(queries))
+
+
+def test_openvino_export_matches_the_run_and_loads_in_plain_openvino(lora_run, tmp_path, capsys):
+    """`--format openvino`: fp32 IR of the plain graph, verified and marked like every export; `predict` loads it
+    through the run loader, and plain OpenVINO in a fresh process gives the run's logits."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ov"
+    assert main(["export", str(lora_run), "--format", "openvino", "--output_dir", str(out)]) == 0
+    info = read_export(out)
+    assert info["format"] == "openvino" and info["precision"] == "fp32" and info["outputs"] == ["logits"]
+    assert {"model.xml", "model.bin", VERIFY_FILE, EXPORT_MARKER} <= {p.name for p in out.iterdir()}
+    assert not (out / ONNX_FILE).exists() and not (out / ".build").exists()
+    check = json.loads((out / VERIFY_FILE).read_text())["outputs"]["logits"]
+    assert check["top1_agreement"] == 1.0 and check["max_abs_logit_diff"] < 1e-4 and check["compared"] == 16
+    reference, exported = LoadedRun(lora_run, merge=False), LoadedRun(out, threads=1)
+    assert exported.format == "openvino"
+    for batch in (["track package 7"], TEXTS * 7):  # dynamic batch and sequence axes
+        np.testing.assert_allclose(exported.logits(batch), reference.logits(batch), atol=1e-4)
+    _same_predictions(exported.predict(TEXTS, top_k=2), reference.predict(TEXTS, top_k=2))
+    capsys.readouterr()
+    assert main(["predict", str(out), *TEXTS[:2]]) == 0
+    assert [json.loads(line)["query"] for line in capsys.readouterr().out.splitlines()] == TEXTS[:2]
+    # a teammate's OpenVINO and tokenizer, no querytune
+    script = (
+        "import json, sys, numpy as np, openvino as ov\n"
+        "from transformers import AutoTokenizer\n"
+        "tok = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+        "model = ov.Core().compile_model(sys.argv[1] + '/model.xml', 'CPU')\n"
+        "enc = tok(json.loads(sys.argv[2]), padding=True, return_tensors='np')\n"
+        "feed = {p.get_any_name(): enc[p.get_any_name()].astype(np.int64) for p in model.inputs}\n"
+        "print(json.dumps(model(feed)[model.output(0)].tolist()))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(out), json.dumps(TEXTS)], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    np.testing.assert_allclose(np.array(json.loads(proc.stdout)), reference.logits(TEXTS), atol=1e-4)
+
+
+def test_openvino_export_of_a_joint_run_keeps_both_outputs(tmp_path):
+    from .conftest import build_tiny_checkpoint
+
+    data = tmp_path / "data"
+    write_jsonl(data / "train.jsonl", make_slot_rows(24, 0))
+    write_jsonl(data / "validation.jsonl", make_slot_rows(6, 1))
+    write_jsonl(data / "test.jsonl", make_slot_rows(6, 2))
+    model = build_tiny_checkpoint("bert", tmp_path / "bert", extra_words=SLOT_WORDS)
+    run = _train(tmp_path, model, data, task="intent_slots", method="lora", max_steps=3)
+    info = export_run(run, fmt="openvino", output_dir=tmp_path / "ov")
+    assert info["outputs"] == ["intent_logits", "slot_logits"]
+    for check in info["verification"]["outputs"].values():
+        assert check["top1_agreement"] == 1.0 and check["max_abs_logit_diff"] < 1e-4 and check["compared"] > 0
+    queries = ["red nike walking shoes size 10", "track my rain jacket order", "wool socks"]
+    _same_predictions(LoadedRun(tmp_path / "ov").predict(queries), LoadedRun(run, merge=False).predict(queries))
+
+
+def test_openvino_export_refuses_onnx_runtime_options(lora_run, tmp_path, capsys):
+    assert main(["export", str(lora_run), "--format", "openvino", "--quantize", "int8"]) == 2
+    assert "--quantize int8 applies to --format onnx" in capsys.readouterr().err
+    with pytest.raises(ExportError, match="--attention chooses an ONNX Runtime fusion"):
+        export_run(lora_run, fmt="openvino", output_dir=tmp_path / "ov", attention="mha")
+    assert not (tmp_path / "ov").exists(), "refused before anything was written"
 
 
 def test_text_pairs_and_models_without_token_type_ids(tmp_path, tiny_models):

@@ -86,7 +86,7 @@ def _sweep_file(tmp_path: Path, data: Path) -> Path:
 
 # case (an extra, or extra-detail) -> the module hidden for it
 CASES = {"tracking": "wandb", "sweep": "optuna", "postgres": "psycopg", "search": "ranx", "search-faiss": "faiss",
-         "export": "onnxscript", "serve": "fastapi", "rewrite": "sacrebleu"}  # fmt: skip
+         "export": "onnxscript", "openvino": "openvino", "serve": "fastapi", "rewrite": "sacrebleu"}  # fmt: skip
 
 
 def command(case: str, tmp: Path, data: Path, ranking: Path) -> list[str]:
@@ -97,8 +97,8 @@ def command(case: str, tmp: Path, data: Path, ranking: Path) -> list[str]:
     if case.startswith("search"):
         option = {"retrieval_index": "faiss"} if case == "search-faiss" else {"retrieval_mode": "hybrid"}
         return ["train", str(ranking_experiment(tmp, tmp / "model", ranking, "retrieval", **option))]
-    if case == "export":
-        return ["export", str(tmp / "run"), "--format", "onnx"]
+    if case in ("export", "openvino"):
+        return ["export", str(tmp / "run"), "--format", "onnx" if case == "export" else "openvino"]
     if case == "serve":
         return ["serve", str(tmp / "run")]
     overrides = {"tracking": {"report_to": "wandb"}, "rewrite": {"task": "rewrite"}}[case]

@@ -6,7 +6,7 @@ querytune predict RUN_DIR --file queries.txt      # or: cat queries.txt | queryt
 querytune predict RERANK_RUN "angle bracket" --candidates "Simpson 12-Gauge Angle" "Deck Coating"  # or --candidates_file
 querytune predict RETRIEVAL_RUN "angle bracket" --top_k 10 [--catalogue titles.csv]
 querytune eval RUN_DIR --dataset_name PATH_OR_HUB_ID [--split test] [--label_column intent]
-querytune export RUN_DIR --format merged|onnx [--quantize int8]
+querytune export RUN_DIR --format merged|onnx|openvino [--quantize int8]
 querytune serve RUN_OR_EXPORT_DIR... [--host 127.0.0.1 --port 8000]
 querytune sweep SWEEP.yaml --trials 8 | report RUN... | push RUN_DIR --repo-id ORG/NAME
 
@@ -422,9 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the stored login)")
     _allow_status(push)
 
-    export = sub.add_parser("export", help="export a run for serving (merged / ONNX, int8), verified against it")
+    export = sub.add_parser("export", help="export a run for serving (merged / ONNX, int8 / OpenVINO), verified")
     export.add_argument("run_dir")
-    export.add_argument("--format", choices=["merged", "onnx"], default="merged")
+    export.add_argument("--format", choices=["merged", "onnx", "openvino"], default="merged",
+                        help="openvino: fp32 OpenVINO IR of the plain ONNX graph (the openvino extra)")  # fmt: skip
     export.add_argument("--quantize", choices=["int8"], default=None, help="ONNX only: int8 (see --quantization)")
     export.add_argument("--output_dir", "--output-dir", default=None, help="default RUN_DIR/exports/FORMAT[-int8]")
     export.add_argument("--overwrite", action="store_true", help="replace a finished export")

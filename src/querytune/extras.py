@@ -22,6 +22,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "postgres": ("psycopg",),
     "search": ("faiss", "ranx"),
     "export": ("onnx", "onnxscript", "onnx_ir", "onnxruntime"),
+    "openvino": ("openvino",),
     "serve": ("fastapi", "starlette", "uvicorn", "prometheus_client", "pydantic"),
     "rewrite": ("rouge_score", "sacrebleu", "gguf"),
 }

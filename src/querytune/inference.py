@@ -1,9 +1,9 @@
 """The one loader of finished runs and exports, used by predict, eval, export and serve.
 
 `LoadedRun(path)` takes a run directory (base model + adapter, merged where the method allows, or a full
-fine-tune) or an export directory (merged PyTorch weights, an unmerged adapter, or an ONNX graph run by ONNX
-Runtime). Whatever it loaded, the task's `predict` / `evaluate` / `verification_outputs` call it the same way:
-`run.model(**inputs)` returns an object with the logits, `run.tokenizer`, `run.device`, `run.config`, `run.task`.
+fine-tune) or an export directory (merged PyTorch weights, an unmerged adapter, an ONNX graph run by ONNX
+Runtime, or an OpenVINO model). Whatever it loaded, the task's `predict` / `evaluate` / `verification_outputs` call it
+the same way: `run.model(**inputs)` returns an object with the logits, `run.tokenizer`, `run.device`, `run.config`, `run.task`.
 """
 
 from __future__ import annotations
@@ -108,10 +108,14 @@ class LoadedRun:
         self.tokenizer = load_tokenizer(str(self.run_dir), trust_remote_code=trust_remote_code)
         self.method = self.config.method.method
         self.merged = False
-        if threads and self.format != "onnx":
+        if threads and self.format not in ("onnx", "openvino"):
             torch.set_num_threads(threads)
         if self.format == "onnx":
             self.model: Any = OnnxModel(self.run_dir / ONNX_FILE, threads)
+        elif self.format == "openvino":
+            from querytune.serving.openvino import OPENVINO_FILE, OpenVinoModel
+
+            self.model = OpenVinoModel(self.run_dir / OPENVINO_FILE, threads)
         else:
             device = device or ("cuda" if torch.cuda.is_available() and not self.is_export else "cpu")
             self.model = self._load_model(merge).to(device)

@@ -1,7 +1,9 @@
-"""Exporting a finished run for serving: merged PyTorch weights, or ONNX (fp32 or dynamic int8) for ONNX Runtime.
+"""Exporting a finished run for serving: merged PyTorch weights, ONNX (fp32 or dynamic int8) for ONNX Runtime, or
+OpenVINO IR (fp32).
 
 querytune export RUN_DIR --format merged          # adapter folded into the base weights (where the method allows)
 querytune export RUN_DIR --format onnx --quantize int8
+querytune export RUN_DIR --format openvino        # the plain ONNX graph converted by OpenVINO, weights in fp32
 
 An ONNX graph goes through transformer fusions (attention, skip + LayerNorm, bias + GELU: `optimize_graph`) before
 any quantization; the fused graph is kept only when it matches the PyTorch run (`--no_optimize` skips the pass).
@@ -69,7 +71,7 @@ __all__ = ["DEFAULT_QUANT", "FORMATS", "FUSION_TOLERANCE", "QUANTIZE", "QUANT_SE
            "export_run", "finish_graph"]  # fmt: skip
 
 VERIFY_FILE = "verification.json"
-FORMATS = ("merged", "onnx")
+FORMATS = ("merged", "onnx", "openvino")
 QUANTIZE = ("int8",)
 
 
@@ -161,9 +163,10 @@ def export_run(
     """Export a finished run, verify it against the PyTorch run, and mark the export finished; returns the marker.
 
     ONNX: `optimize` runs the transformer optimizer (kept where the fused graph matches the run; `attention`, its
-    attention fusion, defaults to the int8 setting's or "packed"); `quantization`
-    names the int8 setting (`QUANT_SETTINGS`, default `DEFAULT_QUANT`) of `quantize="int8"`. `trust_remote_code` lets the base model's custom code run (a run's saved value is ignored:
-    see `LoadedRun`).
+    attention fusion, defaults to the int8 setting's or "packed"); `quantization` names the int8 setting
+    (`QUANT_SETTINGS`, default `DEFAULT_QUANT`) of `quantize="int8"`. OpenVINO: the plain graph, converted in fp32
+    (`optimize`, `attention` and `quantize` do not apply). `trust_remote_code` lets the base model's custom code run
+    (a run's saved value is ignored: see `LoadedRun`).
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
@@ -177,8 +180,12 @@ def export_run(
         raise ExportError(f"unknown attention fusion {attention!r}; use one of {', '.join(ATTENTION_FUSIONS)}")
     if quantization is not None and quantize is None:
         raise ExportError("--quantization names an int8 setting: it needs --quantize int8")
-    if fmt == "onnx":  # before any work: torch.onnx, the fusions and the verification need the whole stack
-        require_extra("export", "querytune export --format onnx")
+    if fmt in ("onnx", "openvino"):  # before any work: torch.onnx, the fusions and the verification need the stack
+        require_extra("export", f"querytune export --format {fmt}")
+    if fmt == "openvino":
+        require_extra("openvino", "querytune export --format openvino")
+    if fmt == "openvino" and attention is not None:
+        raise ExportError("--attention chooses an ONNX Runtime fusion; an OpenVINO export converts the plain graph")
     setting = quant_setting(quantization or DEFAULT_QUANT) if quantize == "int8" else None
     start = time.perf_counter()
     run_dir = Path(run_dir)
@@ -251,8 +258,13 @@ def export_run(
             raise
         except Exception as err:  # noqa: BLE001  (torch.onnx raises many types; say which run and method failed)
             raise ExportError(f"ONNX export of {run_dir} (method {method}) failed with {exporter}: {err}") from err
-        graph_record = finish_graph(reference, raw, out / ONNX_FILE, work, inner.config, inputs, optimize, setting,
-                                    (texts, pairs, reference_outputs()), exporter, attention)  # fmt: skip
+        if fmt == "onnx":
+            graph_record = finish_graph(reference, raw, out / ONNX_FILE, work, inner.config, inputs, optimize,
+                                        setting, (texts, pairs, reference_outputs()), exporter, attention)  # fmt: skip
+        else:  # OpenVINO reads the plain graph (ONNX Runtime's fused operators are not standard ONNX)
+            from querytune.serving.openvino import convert_onnx
+
+            graph_record = convert_onnx(raw, out)
         shutil.rmtree(work)
 
     info: dict[str, Any] = {
@@ -269,8 +281,9 @@ def export_run(
         "metrics": reference.info.get("metrics", {}),
         "extra_files": extra_files,
     }
-    if fmt == "onnx":
-        info |= {"onnx_file": ONNX_FILE, "inputs": inputs, "outputs": outputs, "opset": opset, "exporter": exporter,
+    if fmt in ("onnx", "openvino"):
+        info |= {"onnx_file": ONNX_FILE} if fmt == "onnx" else {}
+        info |= {"inputs": inputs, "outputs": outputs, "opset": opset, "exporter": exporter,
                  "torch_version": torch.__version__, **graph_record}  # fmt: skip
     # Verify the export as it will be served, before it is marked finished.
     exported = LoadedRun(out, device="cpu", export_info=info, trust_remote_code=trust_remote_code)

@@ -42,8 +42,9 @@ class TeacherScores:
                             "be a rerank (cross-encoder) run")  # fmt: skip
         self.max_length = self.run.config.model.max_length(self.run.tokenizer)
         self.batch_size = batch_size
-        fingerprint = model_fingerprint(self.run.model) if not is_export(path) or self.run.format != "onnx" else (
-            hashlib.sha256((path / "model.onnx").read_bytes()).hexdigest()[:20])  # fmt: skip
+        weights = {"onnx": "model.onnx", "openvino": "model.bin"}.get(self.run.format) if is_export(path) else None
+        fingerprint = (model_fingerprint(self.run.model) if weights is None
+                       else hashlib.sha256((path / weights).read_bytes()).hexdigest()[:20])  # fmt: skip
         self.fingerprint = f"{fingerprint}-len{self.max_length}"
         folder = Path(cache_dir or "~/.cache/querytune/catalogue").expanduser() / "teacher"
         self.path = folder / f"{self.fingerprint}.npz"
