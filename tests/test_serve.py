@@ -81,6 +81,7 @@ def runs(tmp_path_factory, tiny_bert, tiny_data) -> dict[str, Path]:
     assert main(["train", str(exp)]) == 0
     intent = tmp / "intent" / "run"
     export_run(intent, fmt="onnx", output_dir=tmp / "intent-onnx")
+    export_run(intent, fmt="openvino", output_dir=tmp / "intent-openvino")
     data = tmp / "slot_data"
     write_jsonl(data / "train.jsonl", make_slot_rows(24, 0))
     write_jsonl(data / "validation.jsonl", make_slot_rows(6, 1))
@@ -89,7 +90,8 @@ def runs(tmp_path_factory, tiny_bert, tiny_data) -> dict[str, Path]:
     (tmp / "joint").mkdir()
     exp = tiny_experiment(tmp / "joint", model, data, task="intent_slots", method="lora", max_steps=3)
     assert main(["train", str(exp)]) == 0
-    return {"intent": intent, "onnx": tmp / "intent-onnx", "joint": tmp / "joint" / "run"}
+    exports = {"onnx": tmp / "intent-onnx", "openvino": tmp / "intent-openvino"}
+    return {"intent": intent, **exports, "joint": tmp / "joint" / "run"}
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["1-worker", "2-workers"])
@@ -121,15 +123,17 @@ def post(url: str, body: object, **kw) -> httpx.Response:
 
 def test_health_and_metadata(server, runs):
     health = httpx.get(f"{server}/health").json()
-    assert health == {"status": "ok", "runs": ["intent", "onnx", "joint"], "pending_requests": 0}
+    assert health == {"status": "ok", "runs": ["intent", "onnx", "openvino", "joint"], "pending_requests": 0}
     meta = httpx.get(f"{server}/metadata").json()
-    assert set(meta["runs"]) == {"intent", "onnx", "joint"} and meta["limits"]["max_queries_per_request"] == 8
+    assert set(meta["runs"]) == {"intent", "onnx", "openvino", "joint"}
+    assert meta["limits"]["max_queries_per_request"] == 8
     assert meta["limits"]["max_body_bytes"] == 1 << 20 and meta["limits"]["timeout_s"] == 30
     intent, onnx, joint = meta["runs"]["intent"], meta["runs"]["onnx"], meta["runs"]["joint"]
     assert intent["method"] == "lora" and intent["format"] == "pytorch" and intent["merged"] is True
     assert onnx["format"] == "onnx" and onnx["task"] == "intent" and onnx["base_model"] == intent["base_model"]
     assert intent["labels"] == onnx["labels"] == ["order_status", "product_search", "return_refund", "store_locator"]
     assert "test_accuracy" in intent["metrics"] and intent["metrics"] == onnx["metrics"]
+    assert meta["runs"]["openvino"]["format"] == "openvino" and meta["runs"]["openvino"]["labels"] == intent["labels"]
     assert joint["task"] == "intent_slots" and "B-brand" in joint["labels"] and "order_status" in joint["intents"]
     assert intent["takes_candidates"] is False and meta["api_key_required"] is False
 
@@ -159,10 +163,10 @@ def test_predict_matches_each_runs_own_predict(server, runs):
     response = httpx.post(f"{server}/predict", json={"queries": QUERIES, "top_k": 2})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["runs"] == ["intent", "onnx", "joint"] and [r["query"] for r in body["results"]] == QUERIES
+    assert body["runs"] == ["intent", "onnx", "openvino", "joint"] and [r["query"] for r in body["results"]] == QUERIES
     expected = LoadedRun(runs["intent"]).predict(QUERIES, top_k=2)
     for result, want in zip(body["results"], expected, strict=True):
-        for name in ("intent", "onnx"):
+        for name in ("intent", "onnx", "openvino"):
             got = result["predictions"][name]
             assert got["label"] == want["label"] and got["score"] == pytest.approx(want["score"], abs=1e-4)
             assert [t["label"] for t in got["top_k"]] == [t["label"] for t in want["top_k"]]
