@@ -36,6 +36,17 @@ from querytune.tasks import get_task
 logger = logging.getLogger(__name__)
 
 
+def int64_feed(tensors: dict[str, Any], names: list[str], engine: str) -> dict[str, np.ndarray]:
+    """The inputs `names` of an exported graph as int64 arrays; a missing one is an error naming it."""
+    feed = {}
+    for name in names:
+        value = tensors.get(name)
+        if value is None:
+            raise ValueError(f"the {engine} model needs input {name!r}; the tokenizer did not produce it")
+        feed[name] = np.asarray(value.cpu() if isinstance(value, torch.Tensor) else value, dtype=np.int64)
+    return feed
+
+
 class OnnxModel:
     """An ONNX Runtime session called like a transformers model: torch tensors in, an object with logits out."""
 
@@ -57,13 +68,7 @@ class OnnxModel:
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, **tensors: Any) -> SimpleNamespace:
-        feed = {}
-        for name in self.inputs:
-            value = tensors.get(name)
-            if value is None:
-                raise ValueError(f"the ONNX model needs input {name!r}; the tokenizer did not produce it")
-            feed[name] = np.asarray(value.cpu() if isinstance(value, torch.Tensor) else value, dtype=np.int64)
-        arrays = self.session.run(self.outputs, feed)
+        arrays = self.session.run(self.outputs, int64_feed(tensors, self.inputs, "ONNX"))
         return SimpleNamespace(**{name: torch.from_numpy(a) for name, a in zip(self.outputs, arrays, strict=True)})
 
     def eval(self) -> OnnxModel:

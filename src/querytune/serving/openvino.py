@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from querytune.extras import require
+from querytune.inference import int64_feed
 
 OPENVINO_FILE = "model.xml"  # and model.bin beside it: the IR's weights
 
@@ -36,13 +37,7 @@ class OpenVinoModel:
         self.request = self.compiled.create_infer_request()
 
     def __call__(self, **tensors: Any) -> SimpleNamespace:
-        feed = {}
-        for name in self.inputs:
-            value = tensors.get(name)
-            if value is None:
-                raise ValueError(f"the OpenVINO model needs input {name!r}; the tokenizer did not produce it")
-            feed[name] = np.asarray(value.cpu() if isinstance(value, torch.Tensor) else value, dtype=np.int64)
-        result = self.request.infer(feed)
+        result = self.request.infer(int64_feed(tensors, self.inputs, "OpenVINO"))
         return SimpleNamespace(**{name: torch.from_numpy(np.array(result[port]))
                                   for name, port in zip(self.outputs, self.compiled.outputs, strict=True)})  # fmt: skip
 
