@@ -18,17 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from querytune.serving.onnx_graph import int64_feed
 from querytune.serving.openvino import OPENVINO_FILE, OpenVinoModel  # what `export --format openvino` serves
 
 ENGINE_FILE = "engine.json"
-
-
-def _feed(tensors: dict[str, Any], names: list[str]) -> dict[str, np.ndarray]:
-    missing = [n for n in names if tensors.get(n) is None]
-    if missing:
-        raise ValueError(f"the engine needs inputs {missing}; the tokenizer did not produce them")
-    return {n: np.asarray(tensors[n].cpu() if isinstance(tensors[n], torch.Tensor) else tensors[n], dtype=np.int64)
-            for n in names}  # fmt: skip
 
 
 class _EngineModel:
@@ -57,7 +50,7 @@ class Ct2Model(_EngineModel):
         self.storage = ctranslate2.StorageView
 
     def __call__(self, **tensors: Any) -> SimpleNamespace:
-        feed = _feed(tensors, [n for n in self.inputs if tensors.get(n) is not None])
+        feed = int64_feed(tensors, [n for n in self.inputs if tensors.get(n) is not None], "CTranslate2")
         ids = feed["input_ids"].astype(np.int32)
         lengths = feed["attention_mask"].sum(axis=1).astype(np.int32)
         types = feed.get("token_type_ids")

@@ -31,20 +31,10 @@ from querytune.runs import (
     read_export,
     read_run,
 )
+from querytune.serving.onnx_graph import int64_feed
 from querytune.tasks import get_task
 
 logger = logging.getLogger(__name__)
-
-
-def int64_feed(tensors: dict[str, Any], names: list[str], engine: str) -> dict[str, np.ndarray]:
-    """The inputs `names` of an exported graph as int64 arrays; a missing one is an error naming it."""
-    feed = {}
-    for name in names:
-        value = tensors.get(name)
-        if value is None:
-            raise ValueError(f"the {engine} model needs input {name!r}; the tokenizer did not produce it")
-        feed[name] = np.asarray(value.cpu() if isinstance(value, torch.Tensor) else value, dtype=np.int64)
-    return feed
 
 
 class OnnxModel:

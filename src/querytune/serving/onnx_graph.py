@@ -6,7 +6,9 @@ from __future__ import annotations
 import inspect
 import logging
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,6 +21,17 @@ _NOT_OUTPUTS = {"loss", "hidden_states", "attentions", "past_key_values"}
 
 
 # --- what a model takes and returns
+def int64_feed(tensors: dict[str, Any], names: list[str], engine: str) -> dict[str, np.ndarray]:
+    """The inputs `names` of an exported graph as int64 arrays; a missing one is an error naming it."""
+    feed = {}
+    for name in names:
+        value = tensors.get(name)
+        if value is None:
+            raise ValueError(f"the {engine} model needs input {name!r}; the tokenizer did not produce it")
+        feed[name] = np.asarray(value.cpu() if isinstance(value, torch.Tensor) else value, dtype=np.int64)
+    return feed
+
+
 def model_inputs(model: nn.Module, tokenizer) -> list[str]:
     """The encoder inputs to export: what the tokenizer produces (for a text pair too) and the model accepts."""
     produced = set(tokenizer(["a"], ["b"]).keys())

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from querytune.extras import require
-from querytune.inference import int64_feed
+from querytune.serving.onnx_graph import int64_feed
 
 OPENVINO_FILE = "model.xml"  # and model.bin beside it: the IR's weights
 
