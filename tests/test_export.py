@@ -185,6 +185,8 @@ def test_openvino_export_refuses_onnx_runtime_options(lora_run, tmp_path, capsys
     assert "--quantize int8 applies to --format onnx" in capsys.readouterr().err
     with pytest.raises(ExportError, match="--attention chooses an ONNX Runtime fusion"):
         export_run(lora_run, fmt="openvino", output_dir=tmp_path / "ov", attention="mha")
+    assert main(["export", str(lora_run), "--format", "openvino", "--no_optimize"]) != 0
+    assert "--no_optimize skips ONNX Runtime's fusions" in capsys.readouterr().err
     assert not (tmp_path / "ov").exists(), "refused before anything was written"
 
 

@@ -186,6 +186,8 @@ def export_run(
         require_extra("openvino", "querytune export --format openvino")
     if fmt == "openvino" and attention is not None:
         raise ExportError("--attention chooses an ONNX Runtime fusion; an OpenVINO export converts the plain graph")
+    if fmt == "openvino" and not optimize:
+        raise ExportError("--no_optimize skips ONNX Runtime's fusions; an OpenVINO export converts the plain graph")
     setting = quant_setting(quantization or DEFAULT_QUANT) if quantize == "int8" else None
     start = time.perf_counter()
     run_dir = Path(run_dir)
