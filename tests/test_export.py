@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from querytune.cli import main
 from querytune.errors import ExportError
@@ -185,9 +186,24 @@ def test_openvino_export_refuses_onnx_runtime_options(lora_run, tmp_path, capsys
     assert "--quantize int8 applies to --format onnx" in capsys.readouterr().err
     with pytest.raises(ExportError, match="--attention chooses an ONNX Runtime fusion"):
         export_run(lora_run, fmt="openvino", output_dir=tmp_path / "ov", attention="mha")
-    assert main(["export", str(lora_run), "--format", "openvino", "--no_optimize"]) != 0
+    assert (
+        main(["export", str(lora_run), "--format", "openvino", "--no_optimize", "--output_dir", str(tmp_path / "ov")])
+        == 2
+    )
     assert "--no_optimize skips ONNX Runtime's fusions" in capsys.readouterr().err
     assert not (tmp_path / "ov").exists(), "refused before anything was written"
+
+
+def test_int64_feed_converts_the_graph_inputs_and_names_a_missing_one():
+    from querytune.serving.onnx_graph import int64_feed
+
+    feed = int64_feed({"input_ids": torch.tensor([[101, 7, 102]], dtype=torch.int32), "attention_mask": [[1, 1, 0]],
+                       "extra": torch.ones(1)}, ["input_ids", "attention_mask"], "ONNX")  # fmt: skip
+    assert list(feed) == ["input_ids", "attention_mask"] and all(a.dtype == np.int64 for a in feed.values())
+    np.testing.assert_array_equal(feed["input_ids"], [[101, 7, 102]])
+    np.testing.assert_array_equal(feed["attention_mask"], [[1, 1, 0]])
+    with pytest.raises(ValueError, match="the OpenVINO model needs input 'token_type_ids'"):
+        int64_feed({"input_ids": torch.ones(1, 2, dtype=torch.long)}, ["input_ids", "token_type_ids"], "OpenVINO")
 
 
 def test_text_pairs_and_models_without_token_type_ids(tmp_path, tiny_models):
