@@ -210,7 +210,7 @@ def figures(name: str, row: dict[str, Any], runs: Path, command: list[str]) -> d
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=REPO).stdout.strip()  # fmt: skip
     return {**row, **{k: metrics[k] for k in keep if k in metrics}, **bench, "commit": commit,
-            "threads": int(os.environ.get("OMP_NUM_THREADS", "2")), "command": command,
+            "threads": int(os.environ.get("OMP_NUM_THREADS", "2")), "cpu": cpu_name(), "command": command,
             "finished": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip
 
 
@@ -254,14 +254,19 @@ def render(raw: dict[str, dict[str, Any]], out: Path, note: str = "") -> None:
         return groups
 
     commits = sorted({r["commit"] for r in raw.values()})
+    cpus: dict[str, int] = {}
+    for r in raw.values():
+        cpus[r.get("cpu", cpu_name())] = cpus.get(r.get("cpu", cpu_name()), 0) + 1
+    hosts = " and ".join(f"{cpu} ({n} rows)" if len(cpus) > 1 else cpu for cpu, n in cpus.items())
     loads = [r["load_before"] for r in raw.values()] + [r["load_after"] for r in raw.values()]
     forced = [n for n, r in raw.items() if r.get("forced")]
     lines = [
         "# Small query sets: augmentation and SetFit (all-MiniLM-L6-v2)",
         "",
-        f"Measured by `python benchmarks/low_data.py` on {cpu_name()} "
-        f"({os.cpu_count()} cores, CPU only), one row at a time; querytune commit(s) {', '.join(commits)} (each row's "
-        "commit, command and load are in `low_data.json`). Every figure is a mean ± standard deviation over seeds "
+        f"Measured by `python benchmarks/low_data.py` on {hosts} "
+        f"({os.cpu_count()} cores, CPU only; seconds compare only between rows of one CPU), one row at a time; "
+        f"querytune commit(s) {', '.join(commits)} (each row's CPU, commit, command and load are in "
+        "`low_data.json`). Every figure is a mean ± standard deviation over seeds "
         f"{', '.join(map(str, SEEDS))} (a seed draws the sample and initialises the head); a count in brackets means "
         "fewer seeds have finished. 1-minute load average before / after the rows: "
         f"{min(loads):.2f}-{max(loads):.2f}"
