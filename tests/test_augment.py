@@ -500,3 +500,40 @@ def test_committed_low_data_files_parse(monkeypatch):
     for path in sorted((REPO / "experiments").rglob("*fewshot*.yaml")):
         config = load_config(path)
         assert config.training.min_train_steps, f"{path}: a low-data file sets the schedule floor"
+
+
+def _low_data_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("low_data_bench", REPO / "benchmarks" / "low_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_low_data_table_reads_augmented_slot_rows_against_none_at_equal_steps(tmp_path):
+    """benchmarks/low_data.py: at 5% the augmented rows train ~1,000 steps, so besides the delta to `none` (300 steps)
+    the table gives the delta to `none_1000steps`; at 1% (all at the 300-step floor) both are the delta to `none`.
+    Rows from a second CPU are named in the header."""
+    bench = _low_data_script()
+    plan = bench.plan()
+    assert "snips-slots-5pct-none_1000steps-s2" in plan and "snips-slots-1pct-none_1000steps-s1" not in plan
+
+    def row(pct, setting, seed, f1, steps, cpu="CPU A"):
+        return {"part": "snips", "task": "slots", "pct": pct, "setting": setting, "seed": seed, "test_f1": f1,
+                "schedule_steps": steps, "train_rows": 10, "train_runtime": 1.0, "wall_s": 1.0, "load_before": 0.1,
+                "load_after": 0.2, "commit": "abc1234", "cpu": cpu}  # fmt: skip
+
+    raw = {"a": row(5, "none", 1, 0.70, 300), "b": row(5, "none_1000steps", 1, 0.75, 1000, cpu="CPU B"),
+           "c": row(5, "slot_swap", 1, 0.78, 1000), "d": row(1, "none", 1, 0.60, 300),
+           "e": row(1, "slot_swap", 1, 0.61, 300)}  # fmt: skip
+    out = tmp_path / "low_data.md"
+    bench.render(raw, out)
+    text = out.read_text()
+    cells = {
+        tuple(line.split(" | ")[1:3]): line.split(" | ") for line in text.splitlines() if line.startswith("| slots")
+    }
+    assert cells[("5", "slot_swap")][4:6] == ["+8.00 ± 0.00", "+3.00 ± 0.00"]
+    assert cells[("5", "none_1000steps")][4:6] == ["+5.00 ± 0.00", "–"]
+    assert cells[("1", "slot_swap")][4:6] == ["+1.00 ± 0.00", "+1.00 ± 0.00"]
+    assert "CPU A (4 rows) and CPU B (1 rows); on CPU B: b " in text
