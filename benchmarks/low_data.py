@@ -257,7 +257,7 @@ def render(raw: dict[str, dict[str, Any]], out: Path, note: str = "") -> None:
     cpus: dict[str, int] = {}
     for r in raw.values():
         cpus[r.get("cpu", cpu_name())] = cpus.get(r.get("cpu", cpu_name()), 0) + 1
-    hosts = " and ".join(f"{cpu} ({n} rows)" if len(cpus) > 1 else cpu for cpu, n in cpus.items())
+    hosts = " and ".join(f"{cpu} ({n} row{'s' * (n != 1)})" if len(cpus) > 1 else cpu for cpu, n in cpus.items())
     for cpu in list(cpus)[1:]:  # name the rows of every CPU but the first
         hosts += f"; on {cpu}: " + ", ".join(n for n, r in raw.items() if r.get("cpu", cpu_name()) == cpu)
     loads = [r["load_before"] for r in raw.values()] + [r["load_after"] for r in raw.values()]

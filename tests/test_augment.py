@@ -536,4 +536,4 @@ def test_low_data_table_reads_augmented_slot_rows_against_none_at_equal_steps(tm
     assert cells[("5", "slot_swap")][4:6] == ["+8.00 ± 0.00", "+3.00 ± 0.00"]
     assert cells[("5", "none_1000steps")][4:6] == ["+5.00 ± 0.00", "–"]
     assert cells[("1", "slot_swap")][4:6] == ["+1.00 ± 0.00", "+1.00 ± 0.00"]
-    assert "CPU A (4 rows) and CPU B (1 rows); on CPU B: b " in text
+    assert "CPU A (4 rows) and CPU B (1 row); on CPU B: b " in text
