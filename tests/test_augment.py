@@ -517,7 +517,7 @@ def test_low_data_table_reads_augmented_slot_rows_against_none_at_equal_steps(tm
     Rows from a second CPU are named in the header."""
     bench = _low_data_script()
     plan = bench.plan()
-    assert "snips-slots-5pct-none_1000steps-s2" in plan and "snips-slots-1pct-none_1000steps-s1" not in plan
+    assert {"snips-slots-5pct-none_1000steps-s2", "snips-slots-1pct-none_1000steps-s1"} <= set(plan)
 
     def row(pct, setting, seed, f1, steps, cpu="CPU A"):
         return {"part": "snips", "task": "slots", "pct": pct, "setting": setting, "seed": seed, "test_f1": f1,
