@@ -18,8 +18,8 @@ above a 1-minute load average of 1.5 (unless `--force_load`, noted in the row):
   In-scope accuracy is reported with an MSP out-of-scope threshold chosen on validation by the experiment's own
   rule (in_scope_drop, 0.3 point), as the querytune rows use their energy detector.
 - `snips-{slots|joint}-{P}pct-{setting}-s{seed}`: the SNIPS files at P% of train (`max_train_samples`), settings
-  `none`, `slot_swap`, `eda` (O words only); and `none_1000steps` (none
-  at the step count slot_swap trains at 5%).
+  `none`, `slot_swap`, `eda` (O words only); and `none_1000steps`
+  (none at the step count slot_swap trains at 5%).
 - `clinc150-full-{setting}`: CLINC150 with all train rows, the shipped `clinc150-full.yaml`, one seed.
 
 The raw figures of every finished row are saved in `benchmarks/results/low_data.json` (with the commit, command
@@ -314,24 +314,25 @@ def render(raw: dict[str, dict[str, Any]], out: Path, note: str = "") -> None:
               "exact match % | train rows | kept | steps | aug s | train s |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     groups = group("snips", lambda r: (r["task"], r["pct"], r["setting"]))
+    for r in (r for rows in groups.values() for r in rows):
+        r.setdefault("slot_f1", r.get("test_f1", r.get("test_slot_f1")))
     for task in ("slots", "joint"):
         for pct in (1, 5):
             for setting in SLOT_SETTINGS:
                 rows = groups.get((task, pct, setting))
                 if not rows:
                     continue
-                for r in rows:
-                    r.setdefault("slot_f1", r.get("test_f1", r.get("test_slot_f1")))
-                for base in ("none", "none_1000steps"):
-                    for r in groups.get((task, pct, base), []):
-                        r.setdefault("slot_f1", r.get("test_f1", r.get("test_slot_f1")))
                 f1 = [r["slot_f1"] for r in rows]
                 intent = [r["test_intent_accuracy"] for r in rows if "test_intent_accuracy" in r]
                 exact = [r["test_exact_match"] for r in rows if "test_exact_match" in r]
                 mean = _means(rows)
                 delta = _delta(rows, groups.get((task, pct, "none"), []), "slot_f1")
-                # at 1% every row trains the 300-step floor; at 5% the augmented rows train ~1,000 steps
-                matched = groups.get((task, pct, "none" if pct == 1 else "none_1000steps"), [])
+                # the no-augmentation rows whose step count is nearest this setting's (an augmented set's epochs
+                # may train more steps than the recipe's floor)
+                bases = [b for b in (groups.get((task, pct, n)) for n in ("none", "none_1000steps")) if b]
+                matched = min(
+                    bases, key=lambda b: abs(_means(b)("schedule_steps") - mean("schedule_steps")), default=[]
+                )
                 fair = "–" if setting.startswith("none") else _delta(rows, matched, "slot_f1")
                 lines.append(f"| {task} | {pct} | {setting} | {_mean_std(f1)} | {delta} | {fair} | {_mean_std(intent)} | "
                              f"{_mean_std(exact)} | {mean('train_rows'):.0f} | {mean('augment_kept'):.0f} | "
